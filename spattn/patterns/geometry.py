@@ -1,0 +1,111 @@
+"""A pattern resolved for one sequence length N and head count H: plain frozen dataclasses.
+
+Each branch answers, with vectorized position predicates, which (head, query, key) pairs it
+allows (SEMANTICS.md); causal order is applied by the caller. Everything downstream (the PyTorch
+backend, counting, pictures, the compiler) starts from `resolve`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+from spattn.patterns.spec import DenseBranch, DilatedBranch, GlobalBranch, Pattern, WindowBranch
+
+
+@dataclass(frozen=True)
+class Dilated:
+    """Segments of `segment` (= min(w, N)) tokens; head h keeps rows a + offsets[h] + dilation*i."""
+
+    segment: int
+    dilation: int
+    offsets: tuple[int, ...]
+
+    def rows_in(self, length: int, offset: int) -> int:
+        """How many rows one head keeps in a segment of `length` tokens."""
+        return max(0, math.ceil((length - offset) / self.dilation))
+
+    def selects(self, head: int, pos: torch.Tensor) -> torch.Tensor:
+        return (pos % self.segment) % self.dilation == self.offsets[head]
+
+    def allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        same_segment = (qpos // self.segment) == (kpos // self.segment)
+        return same_segment & self.selects(head, qpos) & self.selects(head, kpos)
+
+
+@dataclass(frozen=True)
+class Window:
+    size: int
+
+    def allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        return (qpos - kpos).abs() < self.size
+
+
+@dataclass(frozen=True)
+class Global:
+    """Global tokens below N, sorted and de-duplicated."""
+
+    tokens: tuple[int, ...]
+
+    def is_global(self, pos: torch.Tensor) -> torch.Tensor:
+        tokens = torch.tensor(self.tokens, dtype=pos.dtype, device=pos.device)
+        return torch.isin(pos, tokens)
+
+    def allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        return self.is_global(qpos) | self.is_global(kpos)
+
+
+@dataclass(frozen=True)
+class Dense:
+    def allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        return torch.ones(torch.broadcast_shapes(qpos.shape, kpos.shape), dtype=torch.bool,
+                          device=qpos.device)
+
+
+Geometry = Union[Dilated, Window, Global, Dense]
+
+
+def head_offsets(mode: str, dilation: int, heads: int) -> tuple[int, ...]:
+    """s_h for every head: `paper` is h mod r, `blocked` is h // ceil(H / r)."""
+    if mode == "paper":
+        return tuple(h % dilation for h in range(heads))
+    block = math.ceil(heads / dilation)
+    return tuple(h // block for h in range(heads))
+
+
+def resolve(pattern: Pattern, seq_len: int, heads: int) -> tuple[Geometry, ...]:
+    """The pattern's branches for a sequence of `seq_len` tokens and `heads` query heads."""
+    if seq_len < 0 or heads < 1:
+        raise ValueError(f"need seq_len >= 0 and heads >= 1, got {seq_len} and {heads}")
+    required = pattern.required_heads()
+    if required is not None and required != heads:
+        raise ValueError(f"pattern '{pattern.name}' is written for {required} heads, got {heads}")
+    resolved: list[Geometry] = []
+    for branch in pattern.expanded_branches():
+        if isinstance(branch, DilatedBranch):
+            offsets = tuple(branch.offsets) if branch.offsets else head_offsets(
+                pattern.head_offsets, branch.dilation, heads)
+            resolved.append(Dilated(max(1, min(branch.segment, seq_len)), branch.dilation, offsets))
+        elif isinstance(branch, WindowBranch):
+            resolved.append(Window(branch.window.size))
+        elif isinstance(branch, GlobalBranch):
+            resolved.append(Global(tuple(sorted({t for t in branch.global_.tokens if t < seq_len}))))
+        elif isinstance(branch, DenseBranch):
+            resolved.append(Dense())
+        else:  # pragma: no cover - the spec admits no other kind
+            raise TypeError(f"unknown branch {branch!r}")
+    return tuple(resolved)
+
+
+def describe(geometry: Geometry) -> str:
+    """A short human label, e.g. 'dilated w=2048 r=1'."""
+    if isinstance(geometry, Dilated):
+        return f"dilated w={geometry.segment} r={geometry.dilation}"
+    if isinstance(geometry, Window):
+        return f"window {geometry.size}"
+    if isinstance(geometry, Global):
+        return f"global {len(geometry.tokens)} tokens"
+    return "dense"

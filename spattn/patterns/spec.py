@@ -1,0 +1,222 @@
+"""The pattern language: pydantic models for the YAML of SEMANTICS.md.
+
+Pydantic stays at this edge. Everything past `Pattern` works on the plain frozen dataclasses of
+`spattn.patterns.geometry`, resolved for one sequence length and head count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
+
+
+class LocatedValueError(ValueError):
+    """A validation failure at `loc`, relative to the validator raising it.
+
+    Pydantic reports a model validator's error at the model itself; the loader appends this `loc`
+    (found in the error's ctx['error']) so the message can name the precise field and YAML line.
+    """
+
+    def __init__(self, message: str, loc: tuple[str | int, ...] = ()) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
+
+class DilatedBranch(_Spec):
+    """LongNet dilated attention: segments of `segment` tokens, every `dilation`-th row kept."""
+
+    segment: PositiveInt
+    dilation: PositiveInt
+    offsets: list[NonNegativeInt] | None = None
+
+    @field_validator("offsets")
+    @classmethod
+    def _offsets_below_dilation(
+        cls, offsets: list[int] | None, info: ValidationInfo
+    ) -> list[int] | None:
+        dilation = info.data.get("dilation")  # absent when the dilation itself was invalid
+        for i, s in enumerate(offsets or ()):
+            if dilation is not None and s >= dilation:
+                raise LocatedValueError(
+                    f"expected an offset in [0, {dilation}) (below the dilation), got {s}", (i,)
+                )
+        return offsets
+
+
+class WindowSpec(_Spec):
+    size: PositiveInt
+
+
+class WindowBranch(_Spec):
+    """Sliding window: keys with |p - k| < size (causal: p - size < k <= p)."""
+
+    window: WindowSpec
+
+
+class GlobalSpec(_Spec):
+    tokens: Annotated[list[NonNegativeInt], Field(min_length=1)]
+
+
+class GlobalBranch(_Spec):
+    """Global tokens: every query sees them, and they see every key."""
+
+    global_: GlobalSpec = Field(alias="global")
+
+
+class DenseSpec(_Spec):
+    pass
+
+
+class DenseBranch(_Spec):
+    """Every key (causal still applies)."""
+
+    dense: DenseSpec
+
+
+def _branch_kind(value: Any) -> str | None:
+    if isinstance(value, BaseModel):
+        return {
+            DilatedBranch: "dilated",
+            WindowBranch: "window",
+            GlobalBranch: "global",
+            DenseBranch: "dense",
+        }.get(type(value))
+    if not isinstance(value, dict):
+        return None
+    for key in ("window", "global", "dense"):
+        if key in value:
+            return key
+    if "segment" in value or "dilation" in value:
+        return "dilated"
+    return None
+
+
+Branch = Annotated[
+    Annotated[DilatedBranch, Tag("dilated")]
+    | Annotated[WindowBranch, Tag("window")]
+    | Annotated[GlobalBranch, Tag("global")]
+    | Annotated[DenseBranch, Tag("dense")],
+    Discriminator(
+        _branch_kind,
+        custom_error_type="branch_kind",
+        custom_error_message=(
+            "a branch is a mapping with segment+dilation, or one of the keys window, global, dense"
+        ),
+    ),
+]
+
+
+class GeometricSpec(_Spec):
+    """The paper's geometric schedule (eqs. 11-12).
+
+    Branch i has w_i = segment * ratio^i and r_i = dilation * ratio^i.
+    """
+
+    segment: PositiveInt
+    dilation: PositiveInt = 1
+    ratio: Annotated[int, Field(strict=True, ge=2)]
+    count: PositiveInt
+
+
+class Schedule(_Spec):
+    geometric: GeometricSpec
+
+
+class Pattern(_Spec):
+    """A validated sparse-attention pattern (see SEMANTICS.md for what it computes)."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    description: str | None = None
+    causal: bool = False
+    head_offsets: Literal["paper", "blocked"] = "paper"
+    overlap: Literal["multiset", "union"] = "multiset"
+    softmax_scale: PositiveFloat | None = None
+    heads: PositiveInt | None = None
+    kv_heads: PositiveInt | None = None
+    head_dim: PositiveInt | None = None
+    branches: Annotated[list[Branch], Field(min_length=1)] | None = None
+    schedule: Schedule | None = None
+
+    @field_validator("kv_heads")
+    @classmethod
+    def _kv_heads_divide_heads(cls, kv_heads: int | None, info: ValidationInfo) -> int | None:
+        heads = info.data.get("heads")
+        if heads is not None and kv_heads is not None and heads % kv_heads:
+            raise ValueError(f"expected a divisor of heads ({heads}), got {kv_heads}")
+        return kv_heads
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Pattern:
+        if self.branches is not None and self.schedule is not None:
+            raise LocatedValueError("give exactly one of 'branches' and 'schedule', got both",
+                                    ("schedule",))
+        if self.branches is None and self.schedule is None:
+            raise LocatedValueError("expected 'branches' or 'schedule', got neither",
+                                    ("branches",))
+        # Every offsets list has one entry per head: `heads` when given, else the first list's.
+        expected = self.heads
+        for i, branch in enumerate(self.branches or ()):
+            if not isinstance(branch, DilatedBranch) or not branch.offsets:
+                continue
+            if expected is None:
+                expected, first = len(branch.offsets), i
+                continue
+            if len(branch.offsets) != expected:
+                like = f"heads = {expected}" if self.heads else f"branches[{first}].offsets"
+                raise LocatedValueError(
+                    f"expected {expected} offsets (one per head, like {like}), "
+                    f"got {len(branch.offsets)}",
+                    ("branches", i, "offsets"),
+                )
+        return self
+
+    def dilated_with_offsets(self) -> list[DilatedBranch]:
+        return [b for b in self.branches or () if isinstance(b, DilatedBranch) and b.offsets]
+
+    def expanded_branches(self) -> tuple[Any, ...]:
+        """The branch list, with a geometric schedule written out."""
+        if self.branches is not None:
+            return tuple(self.branches)
+        g = self.schedule.geometric
+        return tuple(
+            DilatedBranch(segment=g.segment * g.ratio**i, dilation=g.dilation * g.ratio**i)
+            for i in range(g.count)
+        )
+
+    def required_heads(self) -> int | None:
+        """H fixed by the pattern: `heads`, or the length of an explicit offsets list."""
+        if self.heads is not None:
+            return self.heads
+        with_offsets = self.dilated_with_offsets()
+        return len(with_offsets[0].offsets) if with_offsets else None
+
+    def content_hash(self) -> str:
+        """A stable hash of what the pattern computes (the description does not count)."""
+        data = self.model_dump(mode="json", by_alias=True, exclude={"description"})
+        data["branches"] = [
+            b.model_dump(mode="json", by_alias=True) for b in self.expanded_branches()
+        ]
+        data.pop("schedule", None)
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,161 @@
+"""A resolved pattern as a list of `Piece`s: batched dense attention problems whose log-sum-exp
+merge is the pattern's output.
+
+Every allowed (head, query, key) triple lies in exactly one piece (in `multiset` mode a triple
+allowed by two branches lies in two, and counts twice, as SEMANTICS.md says). A piece is one head,
+`nseg` equal-shaped problems (query rows x key rows), and optionally a mask predicate over token
+positions, built only for the piece's own rows, so memory stays linear in N.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+import torch
+
+from spattn.patterns.geometry import Dense, Dilated, Geometry, Global, Window
+from spattn.runtime.rows import Rows
+
+# (query positions (S, Mq, 1), key positions (S, 1, Mk)) -> allowed (S, Mq, Mk)
+MaskFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+MASK_BUDGET = 1 << 24  # mask elements one piece may materialize before it is split
+
+
+@dataclass(frozen=True)
+class Piece:
+    head: int
+    q: Rows
+    k: Rows
+    causal: bool = False  # square problems, causal in their own (dilated) coordinates
+    mask: MaskFn | None = None  # when set, it alone says which pairs count (causal included)
+    shared_mask: bool = False  # the mask is the same for every segment (translation-invariant)
+
+    def mask_tensor(self, device: torch.device | str) -> torch.Tensor | None:
+        """Allowed pairs, (nseg or 1, Mq, Mk) bool, or None when every pair counts."""
+        if self.mask is None:
+            return None
+        q, k = self.q, self.k
+        if self.shared_mask:
+            q, k = q.segments(0, 1), k.segments(0, 1)
+        return self.mask(q.positions(device)[:, :, None], k.positions(device)[:, None, :])
+
+
+def _causal(qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+    return kpos <= qpos
+
+
+def _dilated(g: Dilated, n: int, head: int, causal: bool) -> Iterator[Piece]:
+    s = g.offsets[head]
+    full = n // g.segment
+    m = g.rows_in(g.segment, s)
+    if full and m:
+        rows = Rows(s, m, g.dilation, full, g.segment)
+        yield Piece(head, rows, rows, causal=causal)
+    tail_start = full * g.segment
+    m = g.rows_in(n - tail_start, s)
+    if m:
+        rows = Rows(tail_start + s, m, g.dilation)
+        yield Piece(head, rows, rows, causal=causal)
+
+
+def _window(g: Window, n: int, head: int, causal: bool) -> Iterator[Piece]:
+    """Chunks of c queries against the c + W - 1 (causal) or c + 2W - 2 keys around them."""
+    if g.size >= n:  # every pair is inside the window
+        yield from _dense(n, head, causal)
+        return
+    c = min(max(g.size // 4, 32), 512, n)
+    before, after = g.size - 1, 0 if causal else g.size - 1
+
+    def band(qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        allowed = (qpos - kpos).abs() < g.size
+        return allowed & (kpos <= qpos) if causal else allowed
+
+    first = math.ceil(before / c)  # chunks whose keys would start before token 0
+    last = (n - after - c) // c  # the last chunk whose keys end inside the sequence
+    if last >= first:
+        q = Rows(first * c, c, 1, last - first + 1, c)
+        k = Rows(first * c - before, c + before + after, 1, last - first + 1, c)
+        yield Piece(head, q, k, mask=band, shared_mask=True)
+    edges = [j for j in range(math.ceil(n / c)) if not first <= j <= last]
+    for j in edges:
+        lo, hi = j * c, min((j + 1) * c, n)
+        k_lo, k_hi = max(0, lo - before), min(n, hi + after)
+        yield Piece(head, Rows(lo, hi - lo), Rows(k_lo, k_hi - k_lo), mask=band)
+
+
+def _global(g: Global, n: int, head: int, causal: bool) -> Iterator[Piece]:
+    """Every query against the global keys, plus the global queries against all other keys."""
+    if not g.tokens:
+        return
+    yield Piece(head, Rows(0, n), Rows.of(g.tokens), mask=_causal if causal else None)
+
+    def others(qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        allowed = ~g.is_global(kpos)
+        return allowed & (kpos <= qpos) if causal else allowed
+
+    if len(g.tokens) < n:
+        yield Piece(head, Rows.of(g.tokens), Rows(0, n), mask=others)
+
+
+def _dense(n: int, head: int, causal: bool) -> Iterator[Piece]:
+    yield Piece(head, Rows(0, n), Rows(0, n), causal=causal)
+
+
+def branch_pieces(g: Geometry, n: int, head: int, causal: bool) -> Iterator[Piece]:
+    if isinstance(g, Dilated):
+        return _dilated(g, n, head, causal)
+    if isinstance(g, Window):
+        return _window(g, n, head, causal)
+    if isinstance(g, Global):
+        return _global(g, n, head, causal)
+    if isinstance(g, Dense):
+        return _dense(n, head, causal)
+    raise TypeError(f"unknown branch {g!r}")
+
+
+def _without_earlier(piece: Piece, earlier: tuple[Geometry, ...]) -> Piece:
+    """Union overlap: drop the pairs an earlier branch already gives (each pair counted once)."""
+    own, head, causal = piece.mask, piece.head, piece.causal
+
+    def mask(qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        allowed = own(qpos, kpos) if own else (kpos <= qpos if causal else
+                                                torch.ones_like(qpos == kpos))
+        for g in earlier:
+            allowed = allowed & ~g.allows(head, qpos, kpos)
+        return allowed
+
+    return Piece(head, piece.q, piece.k, mask=mask, shared_mask=False)
+
+
+def _split(piece: Piece, budget: int) -> Iterator[Piece]:
+    """Split a masked piece so that no mask exceeds `budget` elements."""
+    per_segment = piece.q.count * piece.k.count
+    if piece.mask is None or piece.shared_mask or piece.q.nseg * per_segment <= budget:
+        yield piece
+        return
+    if piece.q.nseg > 1:
+        step = max(1, budget // per_segment)
+        for first in range(0, piece.q.nseg, step):
+            number = min(step, piece.q.nseg - first)
+            yield from _split(replace(piece, q=piece.q.segments(first, number),
+                                      k=piece.k.segments(first, number)), budget)
+        return
+    step = max(1, budget // piece.k.count)
+    for first in range(0, piece.q.count, step):
+        yield replace(piece, q=piece.q.chunk(first, min(step, piece.q.count - first)))
+
+
+def plan_pieces(branches: tuple[Geometry, ...], n: int, heads: int, causal: bool, union: bool,
+                budget: int = MASK_BUDGET) -> list[Piece]:
+    """All pieces of a resolved pattern, head by head, in branch order."""
+    pieces = []
+    for head in range(heads):
+        for i, g in enumerate(branches):
+            for piece in branch_pieces(g, n, head, causal):
+                if union and i:
+                    piece = _without_earlier(piece, branches[:i])
+                pieces.extend(_split(piece, budget))
+    return pieces
