@@ -32,6 +32,7 @@ class Piece:
     causal: bool = False  # square problems, causal in their own (dilated) coordinates
     mask: MaskFn | None = None  # when set, it alone says which pairs count (causal included)
     shared_mask: bool = False  # the mask is the same for every segment (translation-invariant)
+    fresh: bool = False  # no earlier piece of this head wrote these query rows: no merge needed
 
     def mask_tensor(self, device: torch.device | str) -> torch.Tensor | None:
         """Allowed pairs, (nseg or 1, Mq, Mk) bool, or None when every pair counts."""
@@ -157,5 +158,8 @@ def plan_pieces(branches: tuple[Geometry, ...], n: int, heads: int, causal: bool
             for piece in branch_pieces(g, n, head, causal):
                 if union and i:
                     piece = _without_earlier(piece, branches[:i])
-                pieces.extend(_split(piece, budget))
+                # a first branch's pieces have disjoint query rows, but for the global
+                # tokens' second visit (index rows), which the first piece already wrote
+                fresh = i == 0 and piece.q.index is None
+                pieces.extend(replace(p, fresh=fresh) for p in _split(piece, budget))
     return pieces

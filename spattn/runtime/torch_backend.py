@@ -55,6 +55,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problem: Problem
         allowed = piece.mask_tensor(q.device)
         o_p, l_p = attend(piece.q.take(q[:, h]), piece.k.take(k[:, kvh]), piece.k.take(v[:, kvh]),
                           problem.scale, piece.causal, allowed, problem.force_math)
+        if piece.fresh:
+            piece.q.put(out[:, h], o_p)
+            piece.q.put(lse[:, h], l_p)
+            continue
         o_acc, l_acc = piece.q.take(out[:, h]), piece.q.take(lse[:, h])
         l_new = torch.logaddexp(l_acc, l_p.to(acc))
         finite = l_new.isfinite()  # -inf - -inf would be NaN: rows still without keys stay 0
