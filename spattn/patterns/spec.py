@@ -48,7 +48,7 @@ class DilatedBranch(_Spec):
 
     segment: PositiveInt
     dilation: PositiveInt
-    offsets: list[NonNegativeInt] | None = None
+    offsets: Annotated[list[NonNegativeInt], Field(min_length=1)] | None = None
 
     @field_validator("offsets")
     @classmethod
@@ -175,18 +175,15 @@ class Pattern(_Spec):
             raise LocatedValueError("expected 'branches' or 'schedule', got neither",
                                     ("branches",))
         # Every offsets list has one entry per head: `heads` when given, else the first list's.
-        expected = self.heads
+        expected, why = self.heads, f"heads is {self.heads}"
         for i, branch in enumerate(self.branches or ()):
-            if not isinstance(branch, DilatedBranch) or not branch.offsets:
+            if not isinstance(branch, DilatedBranch) or branch.offsets is None:
                 continue
             if expected is None:
-                expected, first = len(branch.offsets), i
-                continue
-            if len(branch.offsets) != expected:
-                like = f"heads = {expected}" if self.heads else f"branches[{first}].offsets"
+                expected, why = len(branch.offsets), f"as in branches[{i}].offsets"
+            elif len(branch.offsets) != expected:
                 raise LocatedValueError(
-                    f"expected {expected} offsets (one per head, like {like}), "
-                    f"got {len(branch.offsets)}",
+                    f"expected {expected} offsets (one per head; {why}), got {len(branch.offsets)}",
                     ("branches", i, "offsets"),
                 )
         return self
