@@ -104,8 +104,9 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     name = "cpu_longnet_fwd_bwd.csv" if args.backward else "cpu_longnet.csv"
     with open(RESULTS / name, "w", newline="") as f:
-        f.write(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads,"
-                f" torch {torch.__version__}, spattn {spattn.__version__}, B={B} H={H} D={D}"
+        cpu = platform.processor() or platform.machine()
+        f.write(f"# {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__},"
+                f" spattn {spattn.__version__}, B={B} H={H} D={D}"
                 f" float32 causal\n")
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -85,7 +85,7 @@ def _check_against_reference(pattern, shape, seed=0):
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
     want = torch.autograd.grad(ref, (q, k, v), grad)
-    for name, g, w in zip("qkv", got, want):
+    for name, g, w in zip("qkv", got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10, msg=f"d{name} differs")
 
 
@@ -116,7 +116,7 @@ def test_matmul_fallback_matches_reference(case):
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
     grad = torch.randn_like(out)
     for g, w in zip(torch.autograd.grad(out, (q, k, v), grad),
-                    torch.autograd.grad(ref, (q, k, v), grad)):
+                    torch.autograd.grad(ref, (q, k, v), grad), strict=True):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
 
 
@@ -153,7 +153,7 @@ def test_low_precision_forward_and_backward(pattern, dtype):
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     got = torch.autograd.grad(out, (q, k, v), grad.to(dtype))
     want = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g.dtype == dtype
         assert (g.double() - w).abs().max() <= 4 * tol * max(1.0, w.abs().max().item())
 

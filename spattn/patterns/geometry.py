@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
@@ -65,7 +64,7 @@ class Dense:
                           device=qpos.device)
 
 
-Geometry = Union[Dilated, Window, Global, Dense]
+Geometry = Dilated | Window | Global | Dense
 
 
 def head_offsets(mode: str, dilation: int, heads: int) -> tuple[int, ...]:
@@ -92,7 +91,8 @@ def resolve(pattern: Pattern, seq_len: int, heads: int) -> tuple[Geometry, ...]:
         elif isinstance(branch, WindowBranch):
             resolved.append(Window(branch.window.size))
         elif isinstance(branch, GlobalBranch):
-            resolved.append(Global(tuple(sorted({t for t in branch.global_.tokens if t < seq_len}))))
+            tokens = sorted({t for t in branch.global_.tokens if t < seq_len})
+            resolved.append(Global(tuple(tokens)))
         elif isinstance(branch, DenseBranch):
             resolved.append(Dense())
         else:  # pragma: no cover - the spec admits no other kind
