@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install spattn and its test tools into the current Python. torch goes first, pinned, so that
+# nothing resolves `torch` to the newest release (on the project's CPU machines 2.13.0 is a CPU
+# build on disk; elsewhere pip fetches it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    "$PY" -m pip install --quiet "torch==2.13.0"
+fi
+"$PY" -m pip install --quiet -e ".[test]"
