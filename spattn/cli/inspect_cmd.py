@@ -1,0 +1,96 @@
+"""`spattn inspect`: what a pattern allows and costs at a sequence length, counted analytically."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "count a pattern's pairs, FLOPs, speed-up bound and hop distance; draw its mask"
+
+DESCRIPTION = """\
+Per branch and in total: the allowed (head, query, key) pairs, the density against dense
+attention, the useful forward FLOPs (4 * head_dim * batch * pairs) and the speed-up bound over
+dense attention. Counts are exact and analytic, so N = 1,000,000 takes about a second.
+
+Then the hop distance: the most hops any token needs to reach any earlier token (any other token
+when the pattern is not causal) through the pattern, computed exactly for N up to 8192, and a
+table of it for N = 16, 32, ... up to min(N, 4096) to show how it grows (LongNet: like log N).
+A pattern only shows that growth past its segment lengths: LongNet's start at 2048, so use
+--scale to shrink them, e.g. `spattn inspect longnet-lm --seq-len 4096 --scale 16`. Pairs with
+no path at all (tokens further apart than the longest segment, or on rows no head keeps) are
+reported as unconnected, and the hop counts are over the connected pairs.
+"""
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)  # 1_000_000 works too
+    except ValueError:
+        try:
+            value = float(text)  # 1e6
+        except ValueError:
+            value = None
+        if value is None or not value.is_integer():
+            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+        value = int(value)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _head(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or a head number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 'all' or a head number >= 0, got {text!r}")
+    return value
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("inspect", help=HELP, description=DESCRIPTION,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("pattern", metavar="PATTERN", help="a built-in pattern name or a YAML file")
+    parser.add_argument("--seq-len", "-n", type=_positive, required=True, metavar="N",
+                        help="sequence length N (>= 1; 1e6 and 1_000_000 work)")
+    parser.add_argument("--heads", type=_positive, metavar="H",
+                        help="query heads (default: the pattern's, else 8)")
+    parser.add_argument("--head-dim", type=_positive, metavar="D",
+                        help="head dimension for FLOPs (default: the pattern's, else 64)")
+    parser.add_argument("--batch", type=_positive, default=1, metavar="B",
+                        help="batch size for FLOPs (default 1)")
+    parser.add_argument("--scale", type=_positive, default=1, metavar="S",
+                        help="divide every segment length and window size by S (rounded down, "
+                             "at least 1), keeping dilations: the pattern's shape at a smaller N")
+    parser.add_argument("--no-hops", action="store_true", help="skip the hop distances")
+    parser.add_argument("--png", metavar="FILE", help="draw the mask into a PNG file")
+    parser.add_argument("--head", type=_head, default=0, metavar="H|all",
+                        help="the head to draw, or 'all' for a grid of every head (default 0)")
+    parser.add_argument("--png-tokens", type=_positive, default=256, metavar="T",
+                        help="draw the first T tokens (default 256, at most 4096)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from spattn.patterns.loader import load_pattern
+    from spattn.patterns.report import choose_heads, format_report, inspect_pattern, scale_pattern
+
+    pattern = load_pattern(args.pattern)
+    report = inspect_pattern(pattern, args.seq_len, heads=args.heads, head_dim=args.head_dim,
+                             batch=args.batch, scale=args.scale, hops=not args.no_hops)
+    wrote = None
+    if args.png:  # before printing anything, so that a bad --png is the only line printed
+        from spattn.patterns.picture import draw_mask
+
+        heads = choose_heads(pattern, args.heads)
+        scaled = f" (scaled 1/{args.scale})" if args.scale > 1 else ""
+        drawn = draw_mask(scale_pattern(pattern, args.scale), args.seq_len, heads, args.png,
+                          head=args.head, tokens=args.png_tokens, title=pattern.name + scaled)
+        which = "every head" if args.head is None else f"head {args.head}"
+        wrote = f"wrote {args.png}: the mask of {which} over the first {drawn:,} tokens"
+    print(format_report(report))
+    if wrote:
+        print(f"\n{wrote}")
+    return 0

@@ -1,0 +1,190 @@
+"""How many hops information needs to travel between tokens through a pattern.
+
+The token graph has an edge from query p to every key k that p attends, in any head, through
+any branch. `hop_distance` is the largest shortest-path length over the ordered pairs that a
+pattern should connect: every token to every earlier token (causal), or to every other token.
+LongNet's claim is that this grows like log N.
+
+It is exact and fast: a breadth-first search from all N sources at once, with the sources packed
+64 to a machine word, and one step of every branch applied to whole columns at a time using the
+branch's structure (a dilated segment's rows form a clique, a causal one a "suffix" of it; a
+window is a range; global tokens link to everything). One step costs O(N^2 / 64) word
+operations per branch, so N = 4096 takes well under a second for LongNet-like patterns.
+`token_graph` builds the same graph explicitly in networkx, for small N and for checking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+
+from spattn.patterns.counting import branch_mask
+from spattn.patterns.geometry import Dense, Dilated, Geometry, Global, Window, resolve
+from spattn.patterns.spec import Pattern
+
+MAX_HOPS_SEQ_LEN = 8192  # beyond this the N x N reachability bits get slow (N^2 / 8 bytes)
+
+Step = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Hops:
+    """Hop distance at one sequence length.
+
+    `hops` is the largest shortest-path length over the connected pairs among `pairs` (query,
+    earlier-or-other token) pairs; `unreachable` of them have no path at all.
+    """
+
+    seq_len: int
+    hops: int
+    pairs: int
+    unreachable: int
+
+    @property
+    def connected(self) -> bool:
+        return self.unreachable == 0
+
+
+def _popcount(words: np.ndarray) -> int:
+    if hasattr(np, "bitwise_count"):
+        return int(np.bitwise_count(words).sum())
+    return int(np.unpackbits(words.view(np.uint8)).sum())  # numpy < 2.0
+
+
+def _suffix_or(bits: np.ndarray, axis: int) -> np.ndarray:
+    """out[..., k, ...] = OR of bits[..., k:, ...] along `axis`."""
+    flipped = np.flip(bits, axis=axis)
+    return np.flip(np.bitwise_or.accumulate(flipped, axis=axis), axis=axis)
+
+
+def _range_or(bits: np.ndarray, before: int, after: int) -> np.ndarray:
+    """out[:, k] = OR of bits[:, k - before : k + after + 1] (clipped to the sequence)."""
+    words, n = bits.shape
+    before, after = min(before, n - 1), min(after, n - 1)
+    width = before + after + 1
+    table = np.zeros((words, n + width - 1), dtype=bits.dtype)
+    table[:, before:before + n] = bits
+    span = 1  # invariant: table[:, i] = OR of the padded columns [i, i + span)
+    while 2 * span <= width:
+        table = table[:, :-span] | table[:, span:]
+        span *= 2
+    return table[:, :n] | table[:, width - span:width - span + n]  # two spans cover the range
+
+
+def _dilated_step(g: Dilated, n: int, heads: int, causal: bool) -> Step:
+    """Columns of one residue class of one segment form a clique (causal: edges point back)."""
+    used = sorted(set(g.offsets[:heads]))
+    full, last = divmod(n, g.segment)
+    blocks = []
+    for first, length, count in ((0, g.segment, full), (n - last, last, 1)):  # the last is shorter
+        if length == 0 or count == 0:
+            continue
+        within = np.arange(-(-length // g.dilation))[:, None] * g.dilation + np.array(used)
+        index = first + g.segment * np.arange(count)[:, None, None] + within  # (seg, row, offset)
+        index = np.where(within < length, index, n)  # n: an always-empty column
+        blocks.append((index, index < n))
+
+    def step(bits: np.ndarray) -> np.ndarray:
+        padded = np.concatenate([bits, np.zeros_like(bits[:, :1])], axis=1)
+        out = np.zeros_like(bits)
+        for index, valid in blocks:
+            gathered = padded[:, index]
+            if causal:
+                reached = _suffix_or(gathered, axis=2)
+            else:
+                reached = np.broadcast_to(
+                    np.bitwise_or.reduce(gathered, axis=2, keepdims=True), gathered.shape)
+            out[:, index[valid]] = reached[:, valid]
+        return out
+
+    return step
+
+
+def _global_step(tokens: Sequence[int], n: int, causal: bool) -> Step:
+    t = np.array(tokens, dtype=np.int64)
+    first_token_at_or_after = np.searchsorted(t, np.arange(n))  # len(t) when there is none
+
+    def step(bits: np.ndarray) -> np.ndarray:
+        out = np.zeros_like(bits)
+        if len(t) == 0:
+            return out
+        if causal:
+            # every later query reaches a token; a token reaches every earlier key
+            out[:, t] = _suffix_or(bits, axis=1)[:, t]
+            from_tokens = _suffix_or(bits[:, t], axis=1)
+            from_tokens = np.concatenate([from_tokens, np.zeros_like(from_tokens[:, :1])], 1)
+            return out | from_tokens[:, first_token_at_or_after]
+        out[:, t] = np.bitwise_or.reduce(bits, axis=1)[:, None]
+        return out | np.bitwise_or.reduce(bits[:, t], axis=1)[:, None]
+
+    return step
+
+
+def _branch_step(g: Geometry, n: int, heads: int, causal: bool) -> Step:
+    """One hop through one branch: a key is reached when a query reached so far attends it."""
+    if isinstance(g, Dilated):
+        return _dilated_step(g, n, heads, causal)
+    if isinstance(g, Window):
+        return lambda bits: _range_or(bits, 0 if causal else g.size - 1, g.size - 1)
+    if isinstance(g, Global):
+        return _global_step(g.tokens, n, causal)
+    if isinstance(g, Dense):
+        if causal:
+            return lambda bits: _suffix_or(bits, axis=1)
+        return lambda bits: np.broadcast_to(np.bitwise_or.reduce(bits, axis=1, keepdims=True),
+                                            bits.shape)
+    raise TypeError(f"unknown branch geometry {g!r}")
+
+
+def hop_distance_of(geometries: Sequence[Geometry], seq_len: int, heads: int,
+                    causal: bool) -> Hops:
+    """`hop_distance` for resolved branches."""
+    n = seq_len
+    pairs = n * (n - 1) // 2 if causal else n * (n - 1)
+    steps = [_branch_step(g, n, heads, causal) for g in geometries]
+    # reach[w, k] bit b: source 64*w + b reaches token k (in the hops taken so far).
+    sources = np.arange(n)
+    reach = np.zeros((-(-n // 64), n), dtype=np.uint64)
+    reach[sources // 64, sources] = np.left_shift(np.uint64(1), (sources % 64).astype(np.uint64))
+    reached, hops = n, 0
+    while reached - n < pairs:
+        grown = reach.copy()
+        for step in steps:
+            grown |= step(reach)
+        count = _popcount(grown)
+        if count == reached:  # nothing new: the rest is unreachable
+            break
+        reach, reached, hops = grown, count, hops + 1
+    return Hops(n, hops, pairs, pairs - (reached - n))
+
+
+def hop_distance(pattern: Pattern, seq_len: int, heads: int) -> Hops:
+    """The largest number of hops any token needs to reach any earlier (or other) token."""
+    if not 1 <= seq_len <= MAX_HOPS_SEQ_LEN:
+        raise ValueError(f"hop distance needs 1 <= seq_len <= {MAX_HOPS_SEQ_LEN}, got {seq_len}")
+    return hop_distance_of(resolve(pattern, seq_len, heads), seq_len, heads, pattern.causal)
+
+
+def hop_table(pattern: Pattern, seq_len: int, heads: int, start: int = 16,
+              limit: int = 4096) -> tuple[Hops, ...]:
+    """Hop distance at N = start, 2 start, 4 start, ... up to min(seq_len, limit), and at that."""
+    top = min(seq_len, limit)
+    lengths = []
+    while start < top:
+        lengths.append(start)
+        start *= 2
+    return tuple(hop_distance(pattern, n, heads) for n in [*lengths, top])
+
+
+def token_graph(pattern: Pattern, seq_len: int, heads: int) -> nx.DiGraph:
+    """The token graph, explicitly (materializes every mask: small N only)."""
+    graph = nx.DiGraph()
+    graph.add_nodes_from(range(seq_len))
+    for g in resolve(pattern, seq_len, heads):
+        for head in range(heads):
+            query, key = branch_mask(g, head, seq_len, pattern.causal).nonzero(as_tuple=True)
+            graph.add_edges_from(zip(query.tolist(), key.tolist(), strict=True))
+    return graph

@@ -1,0 +1,201 @@
+"""What `spattn inspect` reports about a pattern, as data and as text.
+
+`inspect_pattern` gathers per-branch and total counts (pairs, density, useful FLOPs, speed-up
+bound), the hop distance and a table of hop distances over N = 16, 32, ... for other code
+(benchmarks, the README) to use; `format_report` prints it as aligned tables.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from spattn.errors import SpattnError
+from spattn.patterns.counting import count_pairs, dense_pairs, useful_flops
+from spattn.patterns.geometry import describe, resolve
+from spattn.patterns.hops import MAX_HOPS_SEQ_LEN, Hops, hop_distance, hop_table
+from spattn.patterns.spec import DenseBranch, DilatedBranch, GlobalBranch, Pattern, WindowBranch
+
+DEFAULT_HEADS = 8
+DEFAULT_HEAD_DIM = 64
+HOP_TABLE_LIMIT = 4096  # largest N in the hop table
+
+
+@dataclass(frozen=True)
+class Row:
+    """Counts for one branch, the total, or dense attention."""
+
+    label: str
+    pairs: int
+    density: float  # pairs / dense pairs
+    flops: int  # forward useful FLOPs (a backward pass counts 2.5x)
+    speedup: float  # dense pairs / pairs: the bound on the speed-up over dense attention
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    pattern: str
+    causal: bool
+    overlap: str
+    seq_len: int
+    heads: int
+    head_dim: int
+    batch: int
+    scale: int
+    branches: tuple[Row, ...]
+    total: Row
+    dense: Row
+    hops: Hops | None  # None when not computed (see hops_note)
+    hop_table: tuple[Hops, ...]
+    hops_note: str | None
+
+
+def choose_heads(pattern: Pattern, heads: int | None) -> int:
+    """`heads`, else the pattern's own count, else 8; an error where the pattern fixes another."""
+    required = pattern.required_heads()
+    if heads is None:
+        return required if required is not None else DEFAULT_HEADS
+    if heads < 1:
+        raise SpattnError(f"--heads: expected an integer >= 1, got {heads}")
+    if required is not None and heads != required:
+        why = "its 'heads'" if pattern.heads is not None else "the length of its offsets lists"
+        raise SpattnError(f"--heads: pattern '{pattern.name}' is written for {required} heads "
+                          f"({why}), got {heads}")
+    return heads
+
+
+def scale_pattern(pattern: Pattern, scale: int) -> Pattern:
+    """The pattern with every segment length and window size divided by `scale` (rounded down,
+    at least 1) and dilations kept: a small-N model of a pattern whose segments are long."""
+    if scale < 1:
+        raise SpattnError(f"--scale: expected an integer >= 1, got {scale}")
+    if scale == 1:
+        return pattern
+    branches = []
+    for branch in pattern.expanded_branches():
+        if isinstance(branch, DilatedBranch):
+            branch = branch.model_copy(update={"segment": max(1, branch.segment // scale)})
+        elif isinstance(branch, WindowBranch):
+            size = max(1, branch.window.size // scale)
+            branch = branch.model_copy(update={"window": branch.window.model_copy(
+                update={"size": size})})
+        branches.append(branch)
+    return pattern.model_copy(update={"branches": branches, "schedule": None})
+
+
+def _row(label: str, pairs: int, dense: int, head_dim: int, batch: int) -> Row:
+    return Row(label, pairs, pairs / dense if dense else 0.0, useful_flops(pairs, head_dim, batch),
+               dense / pairs if pairs else math.inf)
+
+
+def inspect_pattern(pattern: Pattern, seq_len: int, heads: int | None = None,
+                    head_dim: int | None = None, batch: int = 1, scale: int = 1,
+                    hops: bool = True) -> InspectReport:
+    """Counts, costs and hop distances of `pattern` at `seq_len` tokens (see the module doc)."""
+    for flag, value in (("--seq-len", seq_len), ("--batch", batch), ("--head-dim", head_dim)):
+        if value is not None and value < 1:
+            raise SpattnError(f"{flag}: expected an integer >= 1, got {value}")
+    heads = choose_heads(pattern, heads)
+    head_dim = head_dim or pattern.head_dim or DEFAULT_HEAD_DIM
+    pattern = scale_pattern(pattern, scale)
+    counts = count_pairs(pattern, seq_len, heads)
+    dense = dense_pairs(seq_len, heads, pattern.causal)
+    labels = [describe(g) for g in resolve(pattern, seq_len, heads)]
+    for i, branch in enumerate(pattern.expanded_branches()):
+        if isinstance(branch, (GlobalBranch, DenseBranch)):
+            continue
+        labels[i] += "" if isinstance(branch, WindowBranch) else f" ({_offsets(branch, pattern)})"
+    rows = tuple(_row(label, pairs, dense, head_dim, batch)
+                 for label, pairs in zip(labels, counts.branches, strict=True))
+    total = _row(f"total ({pattern.overlap})", counts.total, dense, head_dim, batch)
+    hop, table, note = None, (), None
+    if hops:
+        table = hop_table(pattern, seq_len, heads, limit=HOP_TABLE_LIMIT)
+        if seq_len <= HOP_TABLE_LIMIT:
+            hop = table[-1]
+        elif seq_len <= MAX_HOPS_SEQ_LEN:
+            hop = hop_distance(pattern, seq_len, heads)
+        else:
+            note = (f"not computed for N > {MAX_HOPS_SEQ_LEN:,} (an exact all-pairs search "
+                    f"needs N^2 bits); the table below stops at N = {table[-1].seq_len:,}")
+    return InspectReport(
+        pattern=pattern.name, causal=pattern.causal, overlap=pattern.overlap, seq_len=seq_len,
+        heads=heads, head_dim=head_dim, batch=batch, scale=scale, branches=rows, total=total,
+        dense=_row("dense attention", dense, dense, head_dim, batch), hops=hop, hop_table=table,
+        hops_note=note)
+
+
+def _offsets(branch: DilatedBranch, pattern: Pattern) -> str:
+    if branch.offsets:
+        return "offsets " + ",".join(map(str, branch.offsets))
+    return f"{pattern.head_offsets} offsets" if branch.dilation > 1 else "every row"
+
+
+# --- text ---------------------------------------------------------------------------------------
+
+
+def _flops(value: float) -> str:
+    for unit, size in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9),
+                       ("MFLOP", 1e6), ("kFLOP", 1e3)):
+        if value >= size:
+            return f"{value / size:.3g} {unit}"
+    return f"{value:.0f} FLOP"
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.3g}%"
+
+
+def _speedup(value: float) -> str:
+    return "-" if math.isinf(value) else f"{value:,.1f}x"
+
+
+def _table(header: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
+    """Columns aligned: the first `left` to the left, the rest to the right."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(w) if i < left else cell.rjust(w)
+                      for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+            for row in [header, *rows]]
+
+
+def _hops_sentence(report: InspectReport) -> str:
+    if report.hops is None:
+        return f"hops: {report.hops_note}"
+    h, other = report.hops, ("earlier token" if report.causal else "other token")
+    if h.pairs == 0:
+        return "hops: a single token has nothing to reach"
+    if h.connected:
+        return f"hops: every token reaches every {other} in at most {h.hops} hop(s)"
+    return (f"hops: {h.unreachable:,} of {h.pairs:,} (token, {other}) pairs are never connected; "
+            f"the others take at most {h.hops} hop(s)")
+
+
+def format_report(report: InspectReport) -> str:
+    """The report as aligned text, as `spattn inspect` prints it."""
+    scaled = f", segments and windows scaled by 1/{report.scale}" if report.scale > 1 else ""
+    lines = [
+        f"{report.pattern}: {'causal' if report.causal else 'bidirectional'}, "
+        f"overlap {report.overlap}{scaled}",
+        f"N = {report.seq_len:,} tokens, {report.heads} heads, head_dim {report.head_dim}, "
+        f"batch {report.batch}",
+        "",
+    ]
+    header = ["branch", "(head, query, key) pairs", "density", "forward FLOPs", "speed-up bound"]
+    rows = [[r.label, f"{r.pairs:,}", _percent(r.density), _flops(r.flops), _speedup(r.speedup)]
+            for r in (*report.branches, report.total, report.dense)]
+    lines += _table(header, rows)
+    lines.append("(useful FLOPs = 4 * head_dim * batch * pairs; a backward pass counts 2.5x)")
+    if report.hops is not None or report.hops_note or report.hop_table:
+        lines += ["", _hops_sentence(report)]
+    if len(report.hop_table) > 1:
+        lines += ["", "hop distance by sequence length (the paper: grows like log N)"]
+        cells = [["N", *(f"{h.seq_len:,}" for h in report.hop_table)],
+                 ["log2 N", *(f"{math.log2(h.seq_len):.3g}" for h in report.hop_table)],
+                 ["hops", *(f"{h.hops}" for h in report.hop_table)]]
+        if not all(h.connected for h in report.hop_table):
+            cells.append(["unconnected", *(_percent(h.unreachable / h.pairs) if h.unreachable
+                                           else "0" for h in report.hop_table)])
+        lines += ["  " + line for line in _table(cells[0], cells[1:])]
+        if len(cells) > 3:
+            lines.append("  (unconnected: the share of pairs with no path; hops counts the others)")
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""Analytic pair counts (spattn/patterns/counting.py) against masks materialized by brute force."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from spattn.patterns.counting import (
+    brute_force_pairs,
+    count_pairs,
+    dense_pairs,
+    density,
+    speedup_bound,
+    useful_flops,
+)
+from spattn.patterns.loader import load_pattern, load_pattern_text
+from spattn.patterns.spec import Pattern
+
+
+@st.composite
+def patterns(draw: st.DrawFn, max_size: int = 24) -> tuple[Pattern, int, int]:
+    """A random small pattern, a sequence length and a head count that fits it.
+
+    Sizes run past N on purpose (w > N, windows wider than N, global tokens at or past N), and
+    segments are rarely multiples of their dilation.
+    """
+    heads = draw(st.integers(1, 4))
+    size = st.integers(1, max_size + 6)
+    branches = []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["dilated", "dilated", "dilated", "window", "global",
+                                     "dense"]))
+        if kind == "dilated":
+            dilation = draw(st.integers(1, 5))
+            branch = {"segment": draw(size), "dilation": dilation}
+            if draw(st.booleans()) and draw(st.booleans()):  # explicit offsets, now and then
+                branch["offsets"] = draw(st.lists(st.integers(0, dilation - 1),
+                                                  min_size=heads, max_size=heads))
+        elif kind == "window":
+            branch = {"window": {"size": draw(size)}}
+        elif kind == "global":
+            branch = {"global": {"tokens": draw(st.lists(st.integers(0, max_size + 4),
+                                                         min_size=1, max_size=4))}}
+        else:
+            branch = {"dense": {}}
+        branches.append(branch)
+    data = {
+        "name": "random",
+        "causal": draw(st.booleans()),
+        "overlap": draw(st.sampled_from(["multiset", "union"])),
+        "head_offsets": draw(st.sampled_from(["paper", "blocked"])),
+        "branches": branches,
+    }
+    if draw(st.booleans()):
+        data["heads"] = heads
+    if draw(st.integers(0, 5)) == 0:  # the geometric shorthand instead of a branch list
+        del data["branches"]
+        data["schedule"] = {"geometric": {"segment": draw(st.integers(1, 8)),
+                                          "dilation": draw(st.integers(1, 3)),
+                                          "ratio": draw(st.integers(2, 3)),
+                                          "count": draw(st.integers(1, 3))}}
+    pattern = Pattern.model_validate(data)
+    return pattern, draw(st.integers(1, max_size)), pattern.required_heads() or heads
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(patterns())
+def test_counts_match_brute_force(case: tuple[Pattern, int, int]) -> None:
+    pattern, n, heads = case
+    assert count_pairs(pattern, n, heads) == brute_force_pairs(pattern, n, heads)
+
+
+@settings(max_examples=40, deadline=None)
+@given(patterns(max_size=90))
+def test_counts_match_brute_force_longer(case: tuple[Pattern, int, int]) -> None:
+    pattern, n, heads = case
+    assert count_pairs(pattern, n, heads) == brute_force_pairs(pattern, n, heads)
+
+
+@pytest.mark.parametrize("overlap", ["multiset", "union"])
+@pytest.mark.parametrize("name", ["longnet-lm", "longvit", "sink-window", "longnet-geometric",
+                                  "sliding-window", "dense-causal"])
+def test_builtins_match_brute_force(name: str, overlap: str) -> None:
+    pattern = load_pattern(name).model_copy(update={"overlap": overlap})
+    for n in (1, 37, 130):
+        assert count_pairs(pattern, n, 3) == brute_force_pairs(pattern, n, 3)
+
+
+def test_hand_counted_dilated() -> None:
+    # w=4, r=2, N=10: segments [0,4) [4,8) [8,10); each head keeps 2, 2, 1 rows.
+    text = "name: t\nbranches:\n  - {segment: 4, dilation: 2}\n"
+    assert count_pairs(load_pattern_text(text), 10, 2).total == 2 * (4 + 4 + 1)
+    causal = load_pattern_text("causal: true\n" + text)
+    assert count_pairs(causal, 10, 2).total == 2 * (3 + 3 + 1)
+    # offset 1 in a segment of length 1 keeps nothing: N=9 has a last segment [8, 9).
+    assert count_pairs(load_pattern_text(text), 9, 2).total == (4 + 4 + 1) + (4 + 4 + 0)
+
+
+def test_hand_counted_window_and_global() -> None:
+    window = load_pattern_text("name: w\ncausal: true\nbranches:\n  - window: {size: 3}\n")
+    assert count_pairs(window, 5, 1).total == 1 + 2 + 3 + 3 + 3
+    sinks = load_pattern_text("name: g\nbranches:\n  - global: {tokens: [0, 2, 9]}\n")
+    assert count_pairs(sinks, 5, 1).total == 2 * 2 * 5 - 4  # token 9 is past N
+
+
+def test_costs() -> None:
+    assert dense_pairs(4, 2, causal=False) == 32
+    assert dense_pairs(4, 2, causal=True) == 20
+    assert useful_flops(10, head_dim=64, batch=2) == 4 * 64 * 2 * 10
+    assert density(16, 4, 2, causal=False) == 0.5
+    assert speedup_bound(16, 4, 2, causal=False) == 2.0
+    assert speedup_bound(0, 4, 2, causal=False) == float("inf")
+
+
+def test_paper_cost_formula() -> None:
+    # Non-causal, w | N and r | w: exactly H * N * w / r^2 pairs per branch (eqs. 16-17).
+    pattern = load_pattern("longvit")
+    n, heads = 2**20, 16
+    counts = count_pairs(pattern, n, heads)
+    for branch, pairs in zip(pattern.expanded_branches(), counts.branches, strict=True):
+        assert pairs == heads * n * branch.segment // branch.dilation**2
+
+
+def test_million_tokens_is_fast() -> None:
+    for overlap in ("multiset", "union"):
+        for name in ("longnet-lm", "sink-window"):
+            pattern = load_pattern(name).model_copy(update={"overlap": overlap})
+            started = time.perf_counter()
+            counts = count_pairs(pattern, 1_000_000, 8)
+            assert time.perf_counter() - started < 3.0
+            assert 0 < counts.total <= sum(counts.branches)
