@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
-    "$PY" -m pip install --quiet "torch==2.13.0"
+    "$PY" -m pip install --quiet --root-user-action=ignore "torch==2.13.0"
 fi
-"$PY" -m pip install --quiet -e ".[test]"
+"$PY" -m pip install --quiet --root-user-action=ignore -e ".[test]"

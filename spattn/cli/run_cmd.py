@@ -41,6 +41,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _first(*values: int | None) -> int:
+    return next(v for v in values if v is not None)
+
+
 def _direct_rows(q, k, v, pattern, heads: int, rows: torch.Tensor, scale: float) -> torch.Tensor:
     """Float64 outputs of the given query rows, from each branch's key predicate over all keys."""
     n = q.shape[2]
@@ -67,9 +71,9 @@ def _direct_rows(q, k, v, pattern, heads: int, rows: torch.Tensor, scale: float)
 
 def run(args: argparse.Namespace) -> int:
     pattern = load_pattern(args.pattern)
-    heads = args.heads or pattern.required_heads() or 4
-    kv_heads = args.kv_heads or pattern.kv_heads or heads
-    dim = args.head_dim or pattern.head_dim or 64
+    heads = _first(args.heads, pattern.required_heads(), 4)
+    kv_heads = _first(args.kv_heads, pattern.kv_heads, heads)
+    dim = _first(args.head_dim, pattern.head_dim, 64)
     n, batch = args.seq_len, args.batch
     for flag, value in (("--seq-len", n), ("--batch", batch), ("--heads", heads),
                         ("--kv-heads", kv_heads), ("--head-dim", dim)):
