@@ -68,12 +68,21 @@ def _dilated(segment, dilation, causal=False, n_heads=None):
     return spattn.Pattern.model_validate(spec)
 
 
+def _window(size, causal):
+    spec = {"name": "w", "causal": causal, "branches": [{"window": {"size": size}}]}
+    return spattn.Pattern.model_validate(spec)
+
+
 FIXED = [  # odd sizes the strategy may or may not reach: named, always run
     (_dilated(4, 1, True), (1, 1, 1, 1, 4)),  # N = 1
     (_dilated(8, 3, True), (1, 3, 3, 21, 4)),  # N not a multiple of w, w not a multiple of r
     (_dilated(64, 2), (2, 2, 1, 9, 8)),  # w > N, GQA
     (_dilated(1, 1), (1, 2, 2, 7, 4)),  # single-row segments
     (_dilated(5, 7, True), (1, 7, 7, 13, 4)),  # r > w: heads with offset >= w select nothing
+]
+WINDOWS = [  # interior chunks (full, diagonal and edge blocks) and both sequence ends
+    (_window(size, causal), (1, 2, 1, n, 4))
+    for size, n in ((1, 40), (7, 61), (50, 203), (130, 420)) for causal in (True, False)
 ]
 
 
@@ -98,6 +107,12 @@ def test_matches_reference_on_random_patterns(case):
 
 @pytest.mark.parametrize("pattern,shape", FIXED, ids=["n1", "ragged", "w>n-gqa", "w1", "r>w"])
 def test_matches_reference_on_odd_sizes(pattern, shape):
+    _check_against_reference(pattern, shape)
+
+
+@pytest.mark.parametrize("pattern,shape", WINDOWS, ids=[
+    f"w{p.branches[0].window.size}-n{s[3]}-{'causal' if p.causal else 'bi'}" for p, s in WINDOWS])
+def test_windows_match_reference(pattern, shape):
     _check_against_reference(pattern, shape)
 
 

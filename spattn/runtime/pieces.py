@@ -9,7 +9,6 @@ positions, built only for the piece's own rows, so memory stays linear in N.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
@@ -63,26 +62,45 @@ def _dilated(g: Dilated, n: int, head: int, causal: bool) -> Iterator[Piece]:
 
 
 def _window(g: Window, n: int, head: int, causal: bool) -> Iterator[Piece]:
-    """Chunks of c queries against the c + W - 1 (causal) or c + 2W - 2 keys around them."""
-    if g.size >= n:  # every pair is inside the window
+    """Chunks of c queries against the keys around them.
+
+    An interior chunk [a, a+c) splits its keys into a block every query sees (no mask), the
+    causal diagonal block, and the c-1 keys at each far edge that only some queries see (a small
+    band mask, the same for every chunk). Causal, the first W queries are plain causal attention
+    over the first W tokens. Chunks left at the sequence ends get one masked piece each.
+    """
+    w = g.size
+    if w >= n:  # every pair is inside the window
         yield from _dense(n, head, causal)
         return
-    c = min(max(g.size // 4, 32), 512, n)
-    before, after = g.size - 1, 0 if causal else g.size - 1
+    c = min(max(w // 8, 16), 512, w)
+    before, after = w - 1, 0 if causal else w - 1
 
     def band(qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
-        allowed = (qpos - kpos).abs() < g.size
+        allowed = (qpos - kpos).abs() < w
         return allowed & (kpos <= qpos) if causal else allowed
 
-    first = math.ceil(before / c)  # chunks whose keys would start before token 0
-    last = (n - after - c) // c  # the last chunk whose keys end inside the sequence
-    if last >= first:
-        q = Rows(first * c, c, 1, last - first + 1, c)
-        k = Rows(first * c - before, c + before + after, 1, last - first + 1, c)
-        yield Piece(head, q, k, mask=band, shared_mask=True)
-    edges = [j for j in range(math.ceil(n / c)) if not first <= j <= last]
-    for j in edges:
-        lo, hi = j * c, min((j + 1) * c, n)
+    # interior chunks start at `origin`: the first query whose keys all lie at or after token 0
+    origin = w if causal else w - 1
+    if causal:
+        yield from _dense(w, head, causal=True)  # p < W sees every earlier key
+    chunks = max(0, (n - after - origin) // c)
+    if chunks:
+        q = Rows(origin, c, 1, chunks, c)
+
+        def keys(lo: int, hi: int) -> Rows:  # keys a+lo .. a+hi-1 of every chunk [a, a+c)
+            return Rows(origin + lo, hi - lo, 1, chunks, c)
+
+        yield Piece(head, q, keys(c - w, 0 if causal else w))  # seen by every query
+        if causal:
+            yield Piece(head, q, keys(0, c), causal=True)
+        yield Piece(head, q, keys(1 - w, c - w), mask=band, shared_mask=True)
+        if not causal:
+            yield Piece(head, q, keys(w, c + w - 1), mask=band, shared_mask=True)
+    # what is left at either end, a chunk at a time: before `origin` (non-causal) and after
+    head_end, tail_start = (0 if causal else origin), origin + chunks * c
+    for lo in [*range(0, head_end, c), *range(tail_start, n, c)]:
+        hi = min(lo + c, head_end if lo < head_end else n)
         k_lo, k_hi = max(0, lo - before), min(n, hi + after)
         yield Piece(head, Rows(lo, hi - lo), Rows(k_lo, k_hi - k_lo), mask=band)
 
@@ -154,12 +172,16 @@ def plan_pieces(branches: tuple[Geometry, ...], n: int, heads: int, causal: bool
     """All pieces of a resolved pattern, head by head, in branch order."""
     pieces = []
     for head in range(heads):
+        written = torch.zeros(n, dtype=torch.bool)  # query rows some earlier piece wrote
         for i, g in enumerate(branches):
             for piece in branch_pieces(g, n, head, causal):
+                if not piece.q.count or not piece.k.count:
+                    continue
                 if union and i:
                     piece = _without_earlier(piece, branches[:i])
-                # a first branch's pieces have disjoint query rows, but for the global
-                # tokens' second visit (index rows), which the first piece already wrote
-                fresh = i == 0 and piece.q.index is None
-                pieces.extend(replace(p, fresh=fresh) for p in _split(piece, budget))
+                for part in _split(piece, budget):
+                    rows = part.q.positions().flatten()
+                    fresh = not written[rows].any()
+                    written[rows] = True
+                    pieces.append(replace(part, fresh=bool(fresh)))
     return pieces
