@@ -246,3 +246,18 @@ def test_scale_argument_overrides_default():
     q, k, v = _inputs((1, 2, 2, 20, 4), requires_grad=False)
     out = spattn.attention(q, k, v, LONGNET_SMALL, scale=0.3)
     torch.testing.assert_close(out, reference_attention(q, k, v, LONGNET_SMALL, scale=0.3))
+
+
+def test_non_contiguous_inputs_give_the_same_result():
+    """(B, N, H, D) tensors viewed as (B, H, N, D), as models produce them."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 50, 4, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    views = [t.transpose(1, 2).requires_grad_() for t in (q, k, v)]
+    dense = [t.detach().contiguous().requires_grad_() for t in views]
+    out = spattn.attention(*views, SINK_SMALL)
+    want = spattn.attention(*dense, SINK_SMALL)
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+    grad = torch.randn_like(out)
+    for g, w in zip(torch.autograd.grad(out, views, grad), torch.autograd.grad(want, dense, grad),
+                    strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
