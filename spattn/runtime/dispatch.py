@@ -7,6 +7,7 @@ that cannot run raises with its reasons and never falls back silently.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ from spattn.errors import SpattnError
 from spattn.patterns.geometry import resolve
 from spattn.patterns.loader import load_pattern
 from spattn.patterns.spec import Pattern
-from spattn.runtime import torch_backend
+from spattn.runtime import torch_backend, triton_backend
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -45,7 +46,7 @@ class TorchBackend:
 
     name = "torch"
 
-    def why_not(self, call: Call) -> str | None:
+    def why_not(self, call: Call, pattern: Pattern) -> str | None:
         if call.dtype not in DTYPES:
             return f"dtype {call.dtype} is not one of float32, float64, bfloat16, float16"
         return None
@@ -58,15 +59,45 @@ class TorchBackend:
         return torch_backend.run(q, k, v, problem)
 
 
-BACKENDS = {b.name: b for b in (TorchBackend(),)}
+class TritonBackend:
+    """The generated Triton kernels (forward only so far). On CPU they run under the Triton
+    interpreter when TRITON_INTERPRET=1 and the backend is asked for by name."""
+
+    name = "triton"
+
+    def why_not(self, call: Call, pattern: Pattern) -> str | None:
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        if call.device.type != "cuda" and not interpret:
+            return f"needs a CUDA device (got {call.device}; on CPU set TRITON_INTERPRET=1)"
+        if call.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"dtype {call.dtype} is not one of float32, float16, bfloat16"
+        if call.needs_grad:
+            return "the generated kernels have no backward yet (use the torch backend to train)"
+        if pattern.overlap == "union":
+            return "overlap: union is not generated yet"
+        return None
+
+    def run(self, q, k, v, pattern: Pattern, scale: float, call: Call) -> torch.Tensor:
+        return triton_backend.compiled_module(pattern).attention(q, k, v, scale=scale)
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) -> Call:
-    for name, t in (("q", q), ("k", k), ("v", v)):
+BACKENDS = {b.name: b for b in (TritonBackend(), TorchBackend())}  # in order of preference
+
+
+def _auto(name: str, call: Call) -> bool:
+    """Automatic selection leaves the (slow) Triton interpreter to explicit requests."""
+    return name != "triton" or call.device.type == "cuda"
+
+
+def check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str,
+                  heads: int | None = None, kv_heads: int | None = None,
+                  head_dim: int | None = None, offsets_heads: int | None = None) -> Call:
+    """Shapes, dtypes and devices of one call, against what pattern `name` fixes."""
+    for arg, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise InputError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise InputError(f"{name} must be 4-D (batch, heads, seq_len, head_dim), "
+            raise InputError(f"{arg} must be 4-D (batch, heads, seq_len, head_dim), "
                              f"got shape {tuple(t.shape)}")
     b, h, n, d = q.shape
     if k.shape != v.shape:
@@ -82,17 +113,21 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) 
         raise InputError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise InputError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    for field, expected, got in (("heads", pattern.heads, h), ("kv_heads", pattern.kv_heads, hkv),
-                                 ("head_dim", pattern.head_dim, d)):
+    for field, expected, got in (("heads", heads, h), ("kv_heads", kv_heads, hkv),
+                                 ("head_dim", head_dim, d)):
         if expected is not None and expected != got:
-            raise InputError(f"pattern '{pattern.name}' fixes {field} = {expected}, "
+            raise InputError(f"pattern '{name}' fixes {field} = {expected}, "
                              f"but the tensors have {got}")
-    required = pattern.required_heads()
-    if required is not None and required != h:
-        raise InputError(f"pattern '{pattern.name}' has per-head offsets for {required} heads, "
+    if offsets_heads is not None and offsets_heads != h:
+        raise InputError(f"pattern '{name}' has per-head offsets for {offsets_heads} heads, "
                          f"but q has {h}")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return Call(b, h, hkv, n, d, q.dtype, q.device, needs_grad)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) -> Call:
+    return check_tensors(q, k, v, pattern.name, pattern.heads, pattern.kv_heads,
+                         pattern.head_dim, pattern.required_heads())
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | str, *,
@@ -111,11 +146,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
         if backend not in BACKENDS:
             raise BackendError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
         chosen = BACKENDS[backend]
-        reason = chosen.why_not(call)
+        reason = chosen.why_not(call, pattern)
         if reason:
             raise BackendError(f"backend '{backend}' cannot run this call: {reason}")
     else:
-        reasons = {name: b.why_not(call) for name, b in BACKENDS.items()}
+        reasons = {name: b.why_not(call, pattern) for name, b in BACKENDS.items()
+                   if _auto(name, call)}
         usable = [name for name, reason in reasons.items() if reason is None]
         if not usable:
             raise BackendError("no backend can run this call: " +

@@ -1,0 +1,71 @@
+"""What generated modules call at run time: input checks, head offsets, global-token tables and
+block sizes. Generated code imports only torch, triton and this module."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+
+from spattn.patterns.geometry import head_offsets as _offsets
+from spattn.runtime.dispatch import InputError, check_tensors
+
+
+def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: dict
+          ) -> tuple[int, int, int, int, int]:
+    """(B, H, N, D, Hkv) after the same checks as spattn.attention, against the pattern's
+    fixed heads / kv_heads / head_dim."""
+    call = check_tensors(q, k, v, pattern["name"], pattern.get("heads"),
+                         pattern.get("kv_heads"), pattern.get("head_dim"),
+                         pattern.get("offsets_heads"))
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise InputError(f"the generated kernels take float32, float16 or bfloat16, got {q.dtype}")
+    return call.batch, call.heads, call.seq_len, call.head_dim, call.kv_heads
+
+
+def rows_contiguous(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Kernels index rows with strides but need each row's D elements contiguous, and k and v
+    with the same strides."""
+    q, k, v = tensors
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    if k.stride() != v.stride() or k.stride(-1) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    return q, k, v
+
+
+def block_sizes(device: torch.device) -> tuple[int, int]:
+    """Tile sizes (BLOCK_M, BLOCK_N): small under the CPU interpreter, where tiles are numpy."""
+    if device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1":
+        return 16, 16
+    return 64, 64
+
+
+@lru_cache(maxsize=256)
+def _offsets_cached(offsets: tuple[int, ...] | None, mode: str, dilation: int, heads: int,
+                    device: str) -> torch.Tensor:
+    values = offsets if offsets is not None else _offsets(mode, dilation, heads)
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
+def head_offsets(offsets: list[int] | None, mode: str, dilation: int, heads: int,
+                 device: torch.device) -> torch.Tensor:
+    """Per-head offsets s_h as an int32 tensor (explicit, or by the pattern's head_offsets)."""
+    fixed = tuple(offsets) if offsets is not None else None
+    return _offsets_cached(fixed, mode, dilation, heads, str(device))
+
+
+@lru_cache(maxsize=64)
+def _tokens_cached(tokens: tuple[int, ...], n: int, device: str
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    kept = sorted({t for t in tokens if t < n})
+    is_global = torch.zeros(n, dtype=torch.int8, device=device)
+    index = torch.tensor(kept, dtype=torch.int64, device=device)
+    is_global[index] = 1
+    return index.to(torch.int32), is_global
+
+
+def global_tokens(tokens: list[int], n: int, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global tokens below N (sorted, int32) and an int8 flag per position."""
+    return _tokens_cached(tuple(tokens), n, str(device))

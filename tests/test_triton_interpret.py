@@ -1,0 +1,230 @@
+"""Generated Triton modules, run on CPU by the Triton interpreter, against the float64 reference."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference import reference_attention
+
+import spattn
+from spattn.compiler.codegen import compile_module, render
+from spattn.patterns.loader import builtin_names
+from spattn.runtime import triton_backend
+
+TOLERANCE = 2e-4  # float32, unit-normal inputs
+
+
+@pytest.fixture(autouse=True)
+def cache(monkeypatch, tmp_path):
+    """Modules compile into a fresh cache; kernels run on the interpreter (tests/conftest.py)."""
+    monkeypatch.setenv("SPATTN_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _inputs(batch, heads, kv_heads, n, dim, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, heads, n, dim, generator=gen),
+            torch.randn(batch, kv_heads, n, dim, generator=gen),
+            torch.randn(batch, kv_heads, n, dim, generator=gen))
+
+
+def _scaled(name: str, factor: int) -> spattn.Pattern:
+    """A built-in with every segment and window divided by `factor` (global tokens kept)."""
+    data = spattn.load_pattern(name).model_dump(by_alias=True, exclude_none=True)
+    if "schedule" in data:
+        data["schedule"]["geometric"]["segment"] //= factor
+    for branch in data.get("branches", []):
+        if "segment" in branch:
+            branch["segment"] = max(1, branch["segment"] // factor)
+        if "window" in branch:
+            branch["window"]["size"] = max(1, branch["window"]["size"] // factor)
+    data["name"] = f"{data['name']}-small"
+    return spattn.Pattern.model_validate(data)
+
+
+def _check(pattern, shape, seed=0):
+    q, k, v = _inputs(*shape, seed=seed)
+    out = spattn.attention(q, k, v, pattern, backend="triton")
+    ref = reference_attention(q.double(), k.double(), v.double(), pattern)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    error = (out.double() - ref).abs().max().item() if out.numel() else 0.0
+    assert error < TOLERANCE, f"max abs error {error:.2e}"
+
+
+@pytest.mark.parametrize("name", builtin_names())
+def test_builtin_patterns_scaled_down(name):
+    # segments / 64: longnet-lm becomes w = 32 ... 512; 300 tokens cover several segments
+    _check(_scaled(name, 64), (1, 4, 2, 300, 16))
+
+
+@st.composite
+def patterns(draw):
+    heads = draw(st.sampled_from([1, 2, 4]))
+    kv_heads = draw(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0]))
+    n = draw(st.integers(1, 90))
+    branches = []
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["dilated", "dilated", "window", "global", "dense"]))
+        if kind == "dilated":
+            r = draw(st.integers(1, 5))
+            branch = {"segment": draw(st.integers(1, 100)), "dilation": r}
+            if draw(st.booleans()):
+                branch["offsets"] = draw(st.lists(st.integers(0, r - 1), min_size=heads,
+                                                  max_size=heads))
+            branches.append(branch)
+        elif kind == "window":
+            branches.append({"window": {"size": draw(st.integers(1, 40))}})
+        elif kind == "global":
+            branches.append({"global": {"tokens": draw(st.lists(st.integers(0, 95), min_size=1,
+                                                                max_size=3))}})
+        else:
+            branches.append({"dense": {}})
+    spec = {"name": "random", "causal": draw(st.booleans()), "branches": branches,
+            "head_offsets": draw(st.sampled_from(["paper", "blocked"]))}
+    dim = draw(st.sampled_from([16, 32, 64]))
+    return spattn.Pattern.model_validate(spec), (draw(st.integers(1, 2)), heads, kv_heads, n, dim)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(patterns())
+def test_random_patterns(case):
+    pattern, shape = case
+    _check(pattern, shape)
+
+
+@pytest.mark.parametrize("spec,shape", [
+    ({"segment": 8, "dilation": 1}, (1, 2, 2, 1, 16)),  # N = 1
+    ({"segment": 24, "dilation": 5}, (1, 5, 5, 61, 32)),  # N % w != 0, w % r != 0
+    ({"segment": 500, "dilation": 3}, (2, 4, 2, 70, 64)),  # w > N, GQA
+    ({"segment": 1, "dilation": 1}, (1, 1, 1, 20, 16)),  # one-row segments
+], ids=["n1", "ragged", "w>n-gqa", "w1"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_odd_sizes(spec, shape, causal):
+    pattern = spattn.Pattern.model_validate({"name": "odd", "causal": causal, "branches": [spec]})
+    _check(pattern, shape)
+
+
+@pytest.mark.parametrize("dtype,tol", [
+    (torch.float16, 4e-3),
+    pytest.param(torch.bfloat16, 3e-2, marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="the Triton interpreter mishandles bfloat16")),
+], ids=["float16", "bfloat16"])
+def test_low_precision(dtype, tol):
+    pattern = _scaled("longnet-lm", 64)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (t.to(device) for t in _inputs(1, 2, 2, 128, 32))
+    ref = reference_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), pattern)
+    out = spattn.attention(q.to(dtype), k.to(dtype), v.to(dtype), pattern, backend="triton")
+    assert out.dtype == dtype and (out.double().cpu() - ref).abs().max() < tol
+
+
+def test_compile_is_deterministic(tmp_path):
+    pattern = spattn.load_pattern("longnet-lm")
+    first = compile_module(pattern, tmp_path / "a").read_bytes()
+    second = compile_module(pattern, tmp_path / "b").read_bytes()
+    assert first == second and render(pattern).encode() == first
+    header = first.decode().splitlines()
+    assert any("spattn-hash: " + pattern.content_hash() in line for line in header[:20])
+    assert any("triton-version: " in line for line in header[:20])
+
+
+def test_emitted_module_imports_only_torch_triton_and_the_runtime():
+    import ast
+
+    tree = ast.parse(render(spattn.load_pattern("sink-window")))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported == {"math", "torch", "triton", "triton.language", "spattn.runtime"}
+
+
+def test_emitted_module_imports_alone_in_a_fresh_process(tmp_path):
+    pattern = _scaled("sink-window", 64)
+    path = compile_module(pattern, tmp_path)
+    q, k, v = _inputs(1, 2, 1, 100, 16)
+    torch.save((q, k, v), tmp_path / "inputs.pt")
+    script = textwrap.dedent(f"""
+        import importlib.util, torch
+        spec = importlib.util.spec_from_file_location("emitted", {str(path)!r})
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        q, k, v = torch.load({str(tmp_path / "inputs.pt")!r})
+        torch.save(module.attention(q, k, v), {str(tmp_path / "out.pt")!r})
+        print(module.PATTERN["name"])
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("sink-window-small")
+    out = torch.load(tmp_path / "out.pt")
+    ref = reference_attention(q.double(), k.double(), v.double(), pattern)
+    assert (out.double() - ref).abs().max() < TOLERANCE
+
+
+def test_a_killed_compile_leaves_no_partial_module(tmp_path):
+    """The compile is stopped (SIGKILL) after writing the temporary file, before the rename."""
+    script = textwrap.dedent(f"""
+        import os, time
+        import spattn
+        from spattn.compiler import codegen
+        def stall(fd):
+            print("writing", flush=True)
+            time.sleep(60)
+        os.fsync = stall
+        codegen.compile_module(spattn.load_pattern("longnet-lm"), {str(tmp_path)!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "longnet_lm.py").exists()
+    # an interrupted compile in-process cleans up its temporary file too
+    from spattn.compiler import codegen
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    original = os.fsync
+    os.fsync = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            codegen.compile_module(spattn.load_pattern("longnet-lm"), tmp_path / "again")
+    finally:
+        os.fsync = original
+    assert list((tmp_path / "again").iterdir()) == []
+
+
+def test_runtime_compiles_once_into_the_cache(tmp_path):
+    pattern = _scaled("longnet-lm", 64)
+    q, k, v = _inputs(1, 2, 2, 40, 16)
+    spattn.attention(q, k, v, pattern, backend="triton")
+    files = list((tmp_path / "cache").rglob("*.py"))
+    assert len(files) == 1 and pattern.content_hash() in str(files[0])
+    stamp = files[0].stat().st_mtime_ns
+    time.sleep(0.01)
+    triton_backend._loaded.clear()
+    spattn.attention(q, k, v, pattern, backend="triton")
+    assert files[0].stat().st_mtime_ns == stamp  # reused, not rewritten
+
+
+def test_triton_backend_says_why_it_cannot_run(monkeypatch):
+    pattern = _scaled("longnet-lm", 64)
+    q, k, v = _inputs(1, 2, 2, 40, 16)
+    with pytest.raises(spattn.SpattnError, match="no backward yet"):
+        spattn.attention(q.requires_grad_(), k, v, pattern, backend="triton")
+    union = pattern.model_copy(update={"overlap": "union"})
+    with pytest.raises(spattn.SpattnError, match="union"):
+        spattn.attention(q.detach(), k, v, union, backend="triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(spattn.SpattnError, match="needs a CUDA device"):
+        spattn.attention(q.detach(), k, v, pattern, backend="triton")
