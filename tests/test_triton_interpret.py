@@ -228,3 +228,14 @@ def test_triton_backend_says_why_it_cannot_run(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(spattn.SpattnError, match="needs a CUDA device"):
         spattn.attention(q.detach(), k, v, pattern, backend="triton")
+
+
+def test_pattern_softmax_scale_and_explicit_scale():
+    pattern = spattn.Pattern.model_validate({
+        "name": "scaled", "causal": True, "softmax_scale": 0.3,
+        "branches": [{"segment": 16, "dilation": 2}, {"window": {"size": 5}}]})
+    _check(pattern, (1, 2, 2, 50, 16))
+    q, k, v = _inputs(1, 2, 2, 50, 16)
+    out = spattn.attention(q, k, v, pattern, backend="triton", scale=0.7)
+    ref = reference_attention(q.double(), k.double(), v.double(), pattern, scale=0.7)
+    assert (out.double() - ref).abs().max() < TOLERANCE
