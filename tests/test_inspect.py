@@ -12,8 +12,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from test_counting import patterns
+from test_layouts import brute_layout
 
 from spattn.cli.main import main
+from spattn.compiler.layouts import block_sparse_tiles
+from spattn.compiler.plan import build_plan
 from spattn.errors import SpattnError
 from spattn.patterns.counting import branch_mask
 from spattn.patterns.geometry import resolve
@@ -133,6 +136,26 @@ def test_report_numbers() -> None:
     assert report.hops == hop_distance(load_pattern_text(SMALL), 10, 2)
 
 
+def test_report_tiles() -> None:
+    pattern = load_pattern_text(SMALL)
+    report = inspect_pattern(pattern, 10, heads=2, hops=False, block_m=2, block_n=2, block=4)
+    tiles = report.tiles
+    assert (tiles.block_m, tiles.block_n, tiles.block) == (2, 2, 4)
+    plan = build_plan(pattern, 10, 2, block_m=2, block_n=2)
+    _, per_branch = brute_layout(pattern, 10, 2, 4)
+    assert [r.spattn for r in tiles.branches] == [b.tile_count() for b in plan.branches]
+    assert [r.block_sparse for r in tiles.branches] == per_branch
+    # The dilated branch keeps 2, 2 and 1 rows per segment and head: one 2x2 tile each, and one
+    # 4x4 tile each over original positions.
+    dilated, window = tiles.branches
+    assert (dilated.spattn, dilated.block_sparse) == (6, 6)
+    assert dilated.spattn_useful == 18 / (6 * 4) and dilated.block_sparse_useful == 18 / (6 * 16)
+    assert tiles.total.spattn == 6 + window.spattn and tiles.total.pairs == 74
+    assert tiles.total.block_sparse == block_sparse_tiles(pattern, 10, 2, 4)
+    assert tiles.spattn_products == tiles.total.spattn * 4
+    assert inspect_pattern(pattern, 10, heads=2, hops=False, tiles=False).tiles is None
+
+
 def test_report_heads() -> None:
     fixed = load_pattern_text("name: f\nheads: 4\nbranches:\n  - {segment: 8, dilation: 2}\n")
     assert inspect_pattern(fixed, 16, hops=False).heads == 4
@@ -163,6 +186,8 @@ def test_cli_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert " 56 " in lines["window 2"]
     assert " 74 " in lines["total (multiset)"] and "2.7x" in lines["total (multiset)"]
     assert " 200 " in lines["dense attention"]
+    assert "spattn 64x64 tiles" in out and "block-sparse 128x128 tiles" in out
+    assert "query-key products" in out
     assert "hops: every token reaches every other token in at most" in out
     assert "log2 N" not in out  # N = 10 < 16: the table is the single row N = 10
 
@@ -173,6 +198,8 @@ def test_million_tokens(capsys: pytest.CaptureFixture[str]) -> None:
     assert time.perf_counter() - started < 10.0
     out = capsys.readouterr().out
     assert "17,060,023,426" in out  # five branches at 8 heads, summed
+    # 4,298,744 tiles of 64x64 against 7,966,328 of 128x128 (the 32768-token segments' triangles)
+    assert "4,298,744" in out and "7,966,328" in out and "7.41x less work" in out
     assert "not computed for N > 8,192" in out and "4,096" in out
 
 
@@ -189,6 +216,8 @@ def test_scaled_longnet_table(capsys: pytest.CaptureFixture[str]) -> None:
     (["inspect", "longnet-lm"], "--seq-len"),
     (["inspect", "no-such-pattern.yaml", "--seq-len", "10"], "no-such-pattern.yaml"),
     (["inspect", "longnet-lm", "--seq-len", "10", "--scale", "0"], "--scale"),
+    (["inspect", "longnet-lm", "--seq-len", "10", "--block-m", "0"], "--block-m"),
+    (["inspect", "longnet-lm", "--seq-len", "10", "--flex-block", "x"], "--flex-block"),
     (["inspect", "longnet-lm", "--seq-len", "10", "--head", "x", "--png", "a.png"], "--head"),
     (["inspect", "longnet-lm", "--seq-len", "10", "--head", "8", "--png", "a.png"], "--head"),
     (["inspect", "longnet-lm", "--seq-len", "10", "--png", "/no/such/dir/a.png"], "--png"),

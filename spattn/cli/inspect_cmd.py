@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "count a pattern's pairs, FLOPs, speed-up bound and hop distance; draw its mask"
+HELP = "count a pattern's pairs, FLOPs, tiles, speed-up bound and hop distance; draw its mask"
 
 DESCRIPTION = """\
 Per branch and in total: the allowed (head, query, key) pairs, the density against dense
 attention, the useful forward FLOPs (4 * head_dim * batch * pairs) and the speed-up bound over
 dense attention. Counts are exact and analytic, so N = 1,000,000 takes about a second.
+
+Then the tiles: those spattn's plan computes (--block-m x --block-n, default 64x64; dilated
+branches are tiled in their dilated rows, so no tile is wasted by dilation) against those a
+block-sparse kernel over original positions computes (--flex-block squared, default 128x128, the
+FlexAttention strategy: every tile holding an allowed pair), the useful fraction of each (allowed
+pairs / computed tile area) and how much work spattn avoids.
 
 Then the hop distance: the most hops any token needs to reach any earlier token (any other token
 when the pattern is not causal) through the pattern, computed exactly for N up to 8192, and a
@@ -65,6 +71,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="divide every segment length and window size by S (rounded down, "
                              "at least 1), keeping dilations: the pattern's shape at a smaller N")
     parser.add_argument("--no-hops", action="store_true", help="skip the hop distances")
+    parser.add_argument("--no-tiles", action="store_true", help="skip the tile comparison")
+    parser.add_argument("--block-m", type=_positive, default=64, metavar="M",
+                        help="query rows of spattn's tiles (default 64)")
+    parser.add_argument("--block-n", type=_positive, default=64, metavar="N",
+                        help="key rows of spattn's tiles (default 64)")
+    parser.add_argument("--flex-block", type=_positive, default=128, metavar="B",
+                        help="tile side of the block-sparse kernel compared with (default 128)")
     parser.add_argument("--png", metavar="FILE", help="draw the mask into a PNG file")
     parser.add_argument("--head", type=_head, default=0, metavar="H|all",
                         help="the head to draw, or 'all' for a grid of every head (default 0)")
@@ -79,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
 
     pattern = load_pattern(args.pattern)
     report = inspect_pattern(pattern, args.seq_len, heads=args.heads, head_dim=args.head_dim,
-                             batch=args.batch, scale=args.scale, hops=not args.no_hops)
+                             batch=args.batch, scale=args.scale, hops=not args.no_hops,
+                             tiles=not args.no_tiles, block_m=args.block_m, block_n=args.block_n,
+                             block=args.flex_block)
     wrote = None
     if args.png:  # before printing anything, so that a bad --png is the only line printed
         from spattn.patterns.picture import draw_mask

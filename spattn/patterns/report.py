@@ -1,8 +1,9 @@
 """What `spattn inspect` reports about a pattern, as data and as text.
 
 `inspect_pattern` gathers per-branch and total counts (pairs, density, useful FLOPs, speed-up
-bound), the hop distance and a table of hop distances over N = 16, 32, ... for other code
-(benchmarks, the README) to use; `format_report` prints it as aligned tables.
+bound), the tiles spattn computes against those of a block-sparse kernel over original positions,
+the hop distance and a table of hop distances over N = 16, 32, ... for other code (benchmarks, the
+README) to use; `format_report` prints it as aligned tables.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from spattn.patterns.spec import DenseBranch, DilatedBranch, GlobalBranch, Patte
 DEFAULT_HEADS = 8
 DEFAULT_HEAD_DIM = 64
 HOP_TABLE_LIMIT = 4096  # largest N in the hop table
+DEFAULT_BLOCK = 64  # spattn's tiles (block_m = block_n)
+DEFAULT_FLEX_BLOCK = 128  # the block-sparse kernel's tiles (FlexAttention's default)
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,36 @@ class Row:
     density: float  # pairs / dense pairs
     flops: int  # forward useful FLOPs (a backward pass counts 2.5x)
     speedup: float  # dense pairs / pairs: the bound on the speed-up over dense attention
+
+
+@dataclass(frozen=True)
+class TileRow:
+    """Tiles computed for one branch or the total: by spattn, and by a block-sparse kernel."""
+
+    label: str
+    pairs: int
+    spattn: int  # block_m x block_n tiles of spattn's plan (dilated coordinates)
+    block_sparse: int  # block x block tiles over original positions with an allowed pair
+    spattn_useful: float  # pairs / (spattn * block_m * block_n)
+    block_sparse_useful: float  # pairs / (block_sparse * block^2)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    block_m: int
+    block_n: int
+    block: int
+    branches: tuple[TileRow, ...]
+    total: TileRow  # spattn: every branch's pass; block-sparse: one pass over the union mask
+
+    @property
+    def spattn_products(self) -> int:
+        """(query, key) products spattn's tiles compute."""
+        return self.total.spattn * self.block_m * self.block_n
+
+    @property
+    def block_sparse_products(self) -> int:
+        return self.total.block_sparse * self.block * self.block
 
 
 @dataclass(frozen=True)
@@ -48,6 +81,7 @@ class InspectReport:
     hops: Hops | None  # None when not computed (see hops_note)
     hop_table: tuple[Hops, ...]
     hops_note: str | None
+    tiles: Tiles | None = None  # None when not computed
 
 
 def choose_heads(pattern: Pattern, heads: int | None) -> int:
@@ -88,11 +122,38 @@ def _row(label: str, pairs: int, dense: int, head_dim: int, batch: int) -> Row:
                dense / pairs if pairs else math.inf)
 
 
+def _tile_row(label: str, pairs: int, spattn: int, block_sparse: int, spattn_area: int,
+              block: int) -> TileRow:
+    return TileRow(label, pairs, spattn, block_sparse,
+                   pairs / (spattn * spattn_area) if spattn else 0.0,
+                   pairs / (block_sparse * block * block) if block_sparse else 0.0)
+
+
+def compare_tiles(pattern: Pattern, seq_len: int, heads: int, labels: list[str],
+                  block_m: int = DEFAULT_BLOCK, block_n: int = DEFAULT_BLOCK,
+                  block: int = DEFAULT_FLEX_BLOCK) -> Tiles:
+    """spattn's tiles (the plan) against a block x block block-sparse kernel's, per branch."""
+    from spattn.compiler.layouts import block_sparse_counts
+    from spattn.compiler.plan import build_plan
+
+    plan = build_plan(pattern, seq_len, heads, block_m=block_m, block_n=block_n)
+    other = block_sparse_counts(pattern, seq_len, heads, block)
+    area = block_m * block_n
+    rows = tuple(_tile_row(label, b.pairs, b.tile_count(), tiles, area, block)
+                 for label, b, tiles in zip(labels, plan.branches, other.branches, strict=True))
+    total = _tile_row(f"total ({pattern.overlap})", plan.pairs, plan.tile_count(), other.total,
+                      area, block)
+    return Tiles(block_m, block_n, block, rows, total)
+
+
 def inspect_pattern(pattern: Pattern, seq_len: int, heads: int | None = None,
                     head_dim: int | None = None, batch: int = 1, scale: int = 1,
-                    hops: bool = True) -> InspectReport:
-    """Counts, costs and hop distances of `pattern` at `seq_len` tokens (see the module doc)."""
-    for flag, value in (("--seq-len", seq_len), ("--batch", batch), ("--head-dim", head_dim)):
+                    hops: bool = True, tiles: bool = True, block_m: int = DEFAULT_BLOCK,
+                    block_n: int = DEFAULT_BLOCK, block: int = DEFAULT_FLEX_BLOCK
+                    ) -> InspectReport:
+    """Counts, costs, tiles and hop distances of `pattern` at `seq_len` tokens (module doc)."""
+    for flag, value in (("--seq-len", seq_len), ("--batch", batch), ("--head-dim", head_dim),
+                        ("--block-m", block_m), ("--block-n", block_n), ("--flex-block", block)):
         if value is not None and value < 1:
             raise SpattnError(f"{flag}: expected an integer >= 1, got {value}")
     heads = choose_heads(pattern, heads)
@@ -118,11 +179,13 @@ def inspect_pattern(pattern: Pattern, seq_len: int, heads: int | None = None,
         else:
             note = (f"not computed for N > {MAX_HOPS_SEQ_LEN:,} (an exact all-pairs search "
                     f"needs N^2 bits); the table below stops at N = {table[-1].seq_len:,}")
+    compared = compare_tiles(pattern, seq_len, heads, labels, block_m, block_n, block) \
+        if tiles else None
     return InspectReport(
         pattern=pattern.name, causal=pattern.causal, overlap=pattern.overlap, seq_len=seq_len,
         heads=heads, head_dim=head_dim, batch=batch, scale=scale, branches=rows, total=total,
         dense=_row("dense attention", dense, dense, head_dim, batch), hops=hop, hop_table=table,
-        hops_note=note)
+        hops_note=note, tiles=compared)
 
 
 def _offsets(branch: DilatedBranch, pattern: Pattern) -> str:
@@ -158,6 +221,38 @@ def _table(header: list[str], rows: list[list[str]], left: int = 1) -> list[str]
             for row in [header, *rows]]
 
 
+def _products(value: float) -> str:
+    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= size:
+            return f"{value / size:.3g}{unit}"
+    return f"{value:.0f}"
+
+
+def _tile_lines(tiles: Tiles) -> list[str]:
+    b, bm, bn = tiles.block, tiles.block_m, tiles.block_n
+    lines = [f"tiles: spattn's plan ({bm}x{bn} tiles, dilated rows loaded with a stride) against a "
+             f"{b}x{b}", "block-sparse kernel over original positions (FlexAttention's strategy)"]
+    header = ["branch", f"spattn {bm}x{bn} tiles", "useful", f"block-sparse {b}x{b} tiles",
+              "useful"]
+    rows = [[r.label, f"{r.spattn:,}", _percent(r.spattn_useful), f"{r.block_sparse:,}",
+             _percent(r.block_sparse_useful)] for r in (*tiles.branches, tiles.total)]
+    lines += ["  " + line for line in _table(header, rows)]
+    lines.append("  (useful: allowed pairs / (tiles * tile area); spattn runs every branch, the "
+                 "block-sparse kernel")
+    lines.append("  one pass over the union mask)")
+    ours, theirs = tiles.spattn_products, tiles.block_sparse_products
+    lines.append(f"spattn computes {_products(ours)} query-key products, the block-sparse kernel "
+                 f"{_products(theirs)}:")
+    if ours < theirs:
+        lines.append(f"spattn does {theirs / ours:,.2f}x less work and avoids "
+                     f"{_products(theirs - ours)} products ({_percent(1 - ours / theirs)} of them)"
+                     if ours else "spattn does no work")
+    elif theirs:
+        lines.append(f"spattn does {ours / theirs:,.2f}x as much work "
+                     f"({_products(ours - theirs)} more products)")
+    return lines
+
+
 def _hops_sentence(report: InspectReport) -> str:
     if report.hops is None:
         return f"hops: {report.hops_note}"
@@ -185,6 +280,8 @@ def format_report(report: InspectReport) -> str:
             for r in (*report.branches, report.total, report.dense)]
     lines += _table(header, rows)
     lines.append("(useful FLOPs = 4 * head_dim * batch * pairs; a backward pass counts 2.5x)")
+    if report.tiles is not None:
+        lines += ["", *_tile_lines(report.tiles)]
     if report.hops is not None or report.hops_note or report.hop_table:
         lines += ["", _hops_sentence(report)]
     if len(report.hop_table) > 1:
