@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from spattn.compiler.codegen import compile_module, module_name, specialize, write_atomically
+from spattn.compiler.plan import build_plan
 from spattn.errors import SpattnError
-from spattn.patterns.counting import count_pairs, dense_pairs, useful_flops
 from spattn.patterns.loader import load_pattern
 
 PLAN_SEQ_LEN = 32768
@@ -31,19 +30,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def plan_summary(pattern, seq_len: int, heads: int, head_dim: int) -> dict:
-    """The plan file: per branch and total pairs, density and forward FLOPs at seq_len."""
-    counts = count_pairs(pattern, seq_len, heads)
-    dense = dense_pairs(seq_len, heads, pattern.causal)
-    return {
-        "pattern": pattern.name, "hash": pattern.content_hash(), "seq_len": seq_len,
-        "heads": heads, "head_dim": head_dim, "causal": pattern.causal,
-        "overlap": pattern.overlap, "branch_pairs": list(counts.branches),
-        "pairs": counts.total, "dense_pairs": dense, "density": counts.total / dense,
-        "forward_flops": useful_flops(counts.total, head_dim),
-    }
-
-
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     for flag, value in (("--heads", args.heads), ("--kv-heads", args.kv_heads),
@@ -56,14 +42,16 @@ def run(args: argparse.Namespace) -> int:
         raise SpattnError(f"-o {out}: exists and is not a folder")
     module = compile_module(pattern, out)
     heads = pattern.required_heads() or 8
-    plan = plan_summary(pattern, args.seq_len, heads, pattern.head_dim or 64)
+    plan = build_plan(pattern, args.seq_len, heads, pattern.kv_heads, pattern.head_dim or 64)
     plan_path = out / f"{module_name(pattern)}.plan.json"
-    write_atomically(plan_path, json.dumps(plan, indent=2, sort_keys=True) + "\n")
+    write_atomically(plan_path, plan.to_json())
     took = time.perf_counter() - start
     size = module.stat().st_size
     print(f"wrote {module} ({size:,} bytes, pattern hash {pattern.content_hash()})")
-    print(f"wrote {plan_path} (N={args.seq_len:,}, H={heads}: density {plan['density']:.4f}, "
-          f"{plan['forward_flops'] / 1e9:.1f} useful GFLOP forward)")
+    tiles = plan.tile_count()
+    print(f"wrote {plan_path} (N={args.seq_len:,}, H={heads}: density {plan.density:.4f}, "
+          f"{plan.flops() / 1e9:.1f} useful GFLOP forward, {tiles:,} tiles of "
+          f"{plan.block_m}x{plan.block_n})")
     print(f"compiled in {took * 1e3:.0f} ms; use it with: "
           f"import sys; sys.path.insert(0, '{out}'); from {module.stem} import attention")
     return 0

@@ -1,5 +1,8 @@
-"""Pattern -> plan -> block-sparse layouts -> generated Triton module.
+"""Pattern -> plan -> tile lists -> generated Triton module.
 
-Not built yet: the compiler issue adds it. The runtime's PyTorch backend already works from
-`spattn.patterns.geometry`, which the plan will build on.
+- `plan.build_plan`: per branch and head-offset group, which tiles are computed (dilated branches
+  in dilated coordinates), built analytically; `tiles` holds the tile-set shapes.
+- `layouts`: exports for comparison and interop (FlexAttention, DeepSpeed-style 0/1 layouts,
+  the tiles a block-sparse kernel over original positions would compute).
+- `codegen`: renders templates/*.jinja into one module per pattern, written atomically.
 """
