@@ -75,8 +75,22 @@ class DilatedPlan:
         return sum(g.pairs for g in self.groups)
 
 
+class _SameTilesEachHead:
+    """A branch whose tile set is the same for every head."""
+
+    heads: int
+    tiles: Band | TokenTiles
+
+    def tile_count(self, kind: str | None = None) -> int:
+        return self.heads * self.tiles.count(kind)
+
+    @property
+    def pairs(self) -> int:
+        return self.heads * self.tiles.pairs
+
+
 @dataclass(frozen=True)
-class WindowPlan:
+class WindowPlan(_SameTilesEachHead):
     """A sliding window of `size`; the same tiles (original coordinates) for each of `heads`."""
 
     size: int
@@ -84,16 +98,9 @@ class WindowPlan:
     tiles: Band
     kind: ClassVar[str] = "window"
 
-    def tile_count(self, kind: str | None = None) -> int:
-        return self.heads * self.tiles.count(kind)
-
-    @property
-    def pairs(self) -> int:
-        return self.heads * self.tiles.pairs
-
 
 @dataclass(frozen=True)
-class GlobalPlan:
+class GlobalPlan(_SameTilesEachHead):
     """Global `tokens` (sorted, below N); the same tiles for each of `heads`."""
 
     tokens: tuple[int, ...]
@@ -101,28 +108,14 @@ class GlobalPlan:
     tiles: TokenTiles
     kind: ClassVar[str] = "global"
 
-    def tile_count(self, kind: str | None = None) -> int:
-        return self.heads * self.tiles.count(kind)
-
-    @property
-    def pairs(self) -> int:
-        return self.heads * self.tiles.pairs
-
 
 @dataclass(frozen=True)
-class DensePlan:
+class DensePlan(_SameTilesEachHead):
     """Every key (the lower triangle of tiles when causal), for each of `heads`."""
 
     heads: int
     tiles: Band
     kind: ClassVar[str] = "dense"
-
-    def tile_count(self, kind: str | None = None) -> int:
-        return self.heads * self.tiles.count(kind)
-
-    @property
-    def pairs(self) -> int:
-        return self.heads * self.tiles.pairs
 
 
 BranchPlan = DilatedPlan | WindowPlan | GlobalPlan | DensePlan
