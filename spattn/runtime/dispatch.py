@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from spattn.errors import SpattnError
-from spattn.patterns.geometry import resolve
 from spattn.patterns.loader import load_pattern
 from spattn.patterns.spec import Pattern
-from spattn.runtime import torch_backend, triton_backend
+from spattn.runtime import ops, triton_backend
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -51,12 +50,8 @@ class TorchBackend:
             return f"dtype {call.dtype} is not one of float32, float64, bfloat16, float16"
         return None
 
-    def run(self, q, k, v, pattern: Pattern, scale: float, call: Call) -> torch.Tensor:
-        problem = torch_backend.Problem(
-            branches=resolve(pattern, call.seq_len, call.heads), seq_len=call.seq_len,
-            heads=call.heads, kv_heads=call.kv_heads, causal=pattern.causal,
-            union=pattern.overlap == "union", scale=scale)
-        return torch_backend.run(q, k, v, problem)
+    def run(self, q, k, v, key: str, scale: float) -> torch.Tensor:
+        return ops.attention(q, k, v, key, scale)
 
 
 class TritonBackend:
@@ -77,8 +72,9 @@ class TritonBackend:
             return "overlap: union is not generated yet"
         return None
 
-    def run(self, q, k, v, pattern: Pattern, scale: float, call: Call) -> torch.Tensor:
-        return triton_backend.compiled_module(pattern).attention(q, k, v, scale=scale)
+    def run(self, q, k, v, key: str, scale: float) -> torch.Tensor:
+        module = triton_backend.compiled_module(ops.registered(key))
+        return module.attention(q, k, v, scale=scale)
 
 
 BACKENDS = {b.name: b for b in (TritonBackend(), TorchBackend())}  # in order of preference
@@ -89,10 +85,8 @@ def _auto(name: str, call: Call) -> bool:
     return name != "triton" or call.device.type == "cuda"
 
 
-def check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str,
-                  heads: int | None = None, kv_heads: int | None = None,
-                  head_dim: int | None = None, offsets_heads: int | None = None) -> Call:
-    """Shapes, dtypes and devices of one call, against what pattern `name` fixes."""
+def check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Call:
+    """Shapes, dtypes and devices of one call."""
     for arg, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise InputError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
@@ -113,21 +107,48 @@ def check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str,
         raise InputError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise InputError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    for field, expected, got in (("heads", heads, h), ("kv_heads", kv_heads, hkv),
-                                 ("head_dim", head_dim, d)):
-        if expected is not None and expected != got:
-            raise InputError(f"pattern '{name}' fixes {field} = {expected}, "
-                             f"but the tensors have {got}")
-    if offsets_heads is not None and offsets_heads != h:
-        raise InputError(f"pattern '{name}' has per-head offsets for {offsets_heads} heads, "
-                         f"but q has {h}")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return Call(b, h, hkv, n, d, q.dtype, q.device, needs_grad)
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) -> Call:
-    return check_tensors(q, k, v, pattern.name, pattern.heads, pattern.kv_heads,
-                         pattern.head_dim, pattern.required_heads())
+def check_fixed(call: Call, name: str, heads: int | None = None, kv_heads: int | None = None,
+                head_dim: int | None = None, offsets_heads: int | None = None) -> None:
+    """The call's sizes against what pattern `name` fixes."""
+    for field, expected, got in (("heads", heads, call.heads), ("kv_heads", kv_heads,
+                                 call.kv_heads), ("head_dim", head_dim, call.head_dim)):
+        if expected is not None and expected != got:
+            raise InputError(f"pattern '{name}' fixes {field} = {expected}, "
+                             f"but the tensors have {got}")
+    if offsets_heads is not None and offsets_heads != call.heads:
+        raise InputError(f"pattern '{name}' has per-head offsets for {offsets_heads} heads, "
+                         f"but q has {call.heads}")
+
+
+@torch._dynamo.assume_constant_result
+def _choose(pattern: Pattern, sizes: tuple[int, int, int, int, int], dtype: torch.dtype,
+            device: torch.device, needs_grad: bool, backend: str | None, scale: float | None
+            ) -> tuple[str, str, float]:
+    """(backend name, pattern key, scale) for a checked call; under torch.compile this runs once
+    at trace time, on plain values, and its result is a constant of the graph."""
+    call = Call(*sizes, dtype, device, needs_grad)
+    check_fixed(call, pattern.name, pattern.heads, pattern.kv_heads, pattern.head_dim,
+                pattern.required_heads())
+    if scale is None:
+        scale = pattern.softmax_scale or 1.0 / math.sqrt(call.head_dim)
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise BackendError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
+        reason = BACKENDS[backend].why_not(call, pattern)
+        if reason:
+            raise BackendError(f"backend '{backend}' cannot run this call: {reason}")
+        return backend, ops.register(pattern), float(scale)
+    reasons = {name: b.why_not(call, pattern) for name, b in BACKENDS.items()
+               if _auto(name, call)}
+    usable = [name for name, reason in reasons.items() if reason is None]
+    if not usable:
+        raise BackendError("no backend can run this call: " +
+                           "; ".join(f"{n}: {r}" for n, r in reasons.items()))
+    return usable[0], ops.register(pattern), float(scale)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | str, *,
@@ -135,28 +156,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     """Sparse attention of q (B, H, N, D) over k, v (B, Hkv, N, D) by `pattern`.
 
     `pattern` is a Pattern, a built-in name or a YAML path. `scale` defaults to the pattern's
-    softmax_scale, else 1/sqrt(D). Returns (B, H, N, D) in q's dtype, differentiable in q, k, v.
+    softmax_scale, else 1/sqrt(D). Returns (B, H, N, D) in q's dtype, differentiable in q, k, v
+    with the torch backend, and traceable by torch.compile(fullgraph=True).
     """
     if not isinstance(pattern, Pattern):
         pattern = load_pattern(pattern)
-    call = _check(q, k, v, pattern)
-    if scale is None:
-        scale = pattern.softmax_scale or 1.0 / math.sqrt(call.head_dim)
-    if backend is not None:
-        if backend not in BACKENDS:
-            raise BackendError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
-        chosen = BACKENDS[backend]
-        reason = chosen.why_not(call, pattern)
-        if reason:
-            raise BackendError(f"backend '{backend}' cannot run this call: {reason}")
-    else:
-        reasons = {name: b.why_not(call, pattern) for name, b in BACKENDS.items()
-                   if _auto(name, call)}
-        usable = [name for name, reason in reasons.items() if reason is None]
-        if not usable:
-            raise BackendError("no backend can run this call: " +
-                               "; ".join(f"{n}: {r}" for n, r in reasons.items()))
-        chosen = BACKENDS[usable[0]]
+    call = check_tensors(q, k, v)
+    sizes = (call.batch, call.heads, call.kv_heads, call.seq_len, call.head_dim)
+    name, key, scale = _choose(pattern, sizes, call.dtype, call.device, call.needs_grad, backend,
+                               scale)
     if call.seq_len == 0:
         return q.new_zeros(q.shape).requires_grad_(call.needs_grad)
-    return chosen.run(q, k, v, pattern, float(scale), call)
+    return BACKENDS[name].run(q, k, v, key, scale)

@@ -9,16 +9,16 @@ from functools import lru_cache
 import torch
 
 from spattn.patterns.geometry import head_offsets as _offsets
-from spattn.runtime.dispatch import InputError, check_tensors
+from spattn.runtime.dispatch import InputError, check_fixed, check_tensors
 
 
 def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: dict
           ) -> tuple[int, int, int, int, int]:
     """(B, H, N, D, Hkv) after the same checks as spattn.attention, against the pattern's
     fixed heads / kv_heads / head_dim."""
-    call = check_tensors(q, k, v, pattern["name"], pattern.get("heads"),
-                         pattern.get("kv_heads"), pattern.get("head_dim"),
-                         pattern.get("offsets_heads"))
+    call = check_tensors(q, k, v)
+    check_fixed(call, pattern["name"], pattern.get("heads"), pattern.get("kv_heads"),
+                pattern.get("head_dim"), pattern.get("offsets_heads"))
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise InputError(f"the generated kernels take float32, float16 or bfloat16, got {q.dtype}")
     return call.batch, call.heads, call.seq_len, call.head_dim, call.kv_heads

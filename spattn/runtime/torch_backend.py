@@ -1,5 +1,6 @@
 """The PyTorch backend: a pattern's pieces run as batched dense attention over strided views,
-merged by log-sum-exp into one running (O, LSE); an exact custom backward.
+merged by log-sum-exp into one running (O, LSE); and the exact backward. `spattn.runtime.ops`
+wraps the two as torch.library custom ops with autograd.
 
 Memory is linear in N: the accumulators are (B, H, N, D) and (B, H, N); each piece reads strided
 views of q, k, v, and a mask, when it needs one, covers only that piece's rows.
@@ -88,24 +89,3 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         piece.k.add(dk[:, kvh], grads[1])
         piece.k.add(dv[:, kvh], grads[2])
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-class SparseAttention(torch.autograd.Function):
-    """Saves q, k, v, O and LSE; the backward runs each piece against the merged O and LSE."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, problem: Problem):  # noqa: D401 - autograd signature
-        out, lse = forward(q, k, v, problem)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.problem = problem
-        return out
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = backward(do.contiguous(), q, k, v, out, lse, ctx.problem)
-        return dq, dk, dv, None
-
-
-def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problem: Problem) -> torch.Tensor:
-    return SparseAttention.apply(q, k, v, problem)
