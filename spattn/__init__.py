@@ -3,7 +3,18 @@
 __version__ = "0.1.0"
 
 from spattn.errors import PatternError, SpattnError  # noqa: E402
+from spattn.modules import DilatedAttention, ModuleError, MultiheadDilatedAttention  # noqa: E402
 from spattn.patterns import Pattern, load_pattern  # noqa: E402
 from spattn.runtime import attention  # noqa: E402
 
-__all__ = ["Pattern", "PatternError", "SpattnError", "__version__", "attention", "load_pattern"]
+__all__ = [
+    "DilatedAttention",
+    "ModuleError",
+    "MultiheadDilatedAttention",
+    "Pattern",
+    "PatternError",
+    "SpattnError",
+    "__version__",
+    "attention",
+    "load_pattern",
+]
