@@ -13,22 +13,27 @@ PATTERN = spattn.Pattern.model_validate({
                  {"window": {"size": 12}}, {"global": {"tokens": [0]}}]})
 
 
-def _layer(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _layer(x: torch.Tensor, weight: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     b, n, e = x.shape
     q, k, v = (x @ weight).view(b, n, 3, 4, e // 4).permute(2, 0, 3, 1, 4)
-    y = spattn.attention(q, k, v, PATTERN)
+    y = spattn.attention(q, k, v, PATTERN, backend=backend)
     return torch.tanh(y.transpose(1, 2).reshape(b, n, e))
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_fullgraph_compile_matches_eager_forward_and_backward(backend):
+@pytest.mark.parametrize("compiler,attention", [
+    ("aot_eager", "torch"), ("inductor", "torch"),
+    ("aot_eager", "triton"),  # generated kernels: on CPU, the Triton interpreter (conftest.py)
+])
+def test_fullgraph_compile_matches_eager_forward_and_backward(compiler, attention, monkeypatch,
+                                                              tmp_path):
+    monkeypatch.setenv("SPATTN_CACHE_DIR", str(tmp_path))
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 70, 32, generator=gen, requires_grad=True)
     weight = torch.randn(32, 96, generator=gen, requires_grad=True)
-    compiled = torch.compile(_layer, fullgraph=True, backend=backend)
-    got = compiled(x, weight)
-    want = _layer(x, weight)
+    compiled = torch.compile(_layer, fullgraph=True, backend=compiler)
+    got = compiled(x, weight, attention)
+    want = _layer(x, weight, attention)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     grad = torch.randn(got.shape, generator=gen)
     got_grads = torch.autograd.grad(got, (x, weight), grad)
@@ -40,5 +45,5 @@ def test_fullgraph_compile_matches_eager_forward_and_backward(backend):
 def test_ops_are_registered_with_fake_implementations():
     q = torch.empty(1, 2, 10, 8, device="meta")
     key = spattn.runtime.ops.register(PATTERN)
-    out, lse = torch.ops.spattn.attention_forward(q, q, q, key, 0.5)
+    out, lse = torch.ops.spattn.attention_forward(q, q, q, key, 0.5, "triton")
     assert out.shape == q.shape and lse.shape == (1, 2, 10) and out.device.type == "meta"

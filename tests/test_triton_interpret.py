@@ -11,8 +11,8 @@ import time
 
 import pytest
 import torch
+from generated_cases import generated_patterns, inputs, scaled
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from reference import reference_attention
 
 import spattn
@@ -29,29 +29,8 @@ def cache(monkeypatch, tmp_path):
     monkeypatch.setenv("SPATTN_CACHE_DIR", str(tmp_path / "cache"))
 
 
-def _inputs(batch, heads, kv_heads, n, dim, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, heads, n, dim, generator=gen),
-            torch.randn(batch, kv_heads, n, dim, generator=gen),
-            torch.randn(batch, kv_heads, n, dim, generator=gen))
-
-
-def _scaled(name: str, factor: int) -> spattn.Pattern:
-    """A built-in with every segment and window divided by `factor` (global tokens kept)."""
-    data = spattn.load_pattern(name).model_dump(by_alias=True, exclude_none=True)
-    if "schedule" in data:
-        data["schedule"]["geometric"]["segment"] //= factor
-    for branch in data.get("branches", []):
-        if "segment" in branch:
-            branch["segment"] = max(1, branch["segment"] // factor)
-        if "window" in branch:
-            branch["window"]["size"] = max(1, branch["window"]["size"] // factor)
-    data["name"] = f"{data['name']}-small"
-    return spattn.Pattern.model_validate(data)
-
-
 def _check(pattern, shape, seed=0):
-    q, k, v = _inputs(*shape, seed=seed)
+    q, k, v = inputs(*shape, seed=seed)
     out = spattn.attention(q, k, v, pattern, backend="triton")
     ref = reference_attention(q.double(), k.double(), v.double(), pattern)
     assert out.dtype == q.dtype and out.shape == q.shape
@@ -62,40 +41,12 @@ def _check(pattern, shape, seed=0):
 @pytest.mark.parametrize("name", builtin_names())
 def test_builtin_patterns_scaled_down(name):
     # segments / 64: longnet-lm becomes w = 32 ... 512; 300 tokens cover several segments
-    _check(_scaled(name, 64), (1, 4, 2, 300, 16))
-
-
-@st.composite
-def patterns(draw):
-    heads = draw(st.sampled_from([1, 2, 4]))
-    kv_heads = draw(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0]))
-    n = draw(st.integers(1, 90))
-    branches = []
-    for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["dilated", "dilated", "window", "global", "dense"]))
-        if kind == "dilated":
-            r = draw(st.integers(1, 5))
-            branch = {"segment": draw(st.integers(1, 100)), "dilation": r}
-            if draw(st.booleans()):
-                branch["offsets"] = draw(st.lists(st.integers(0, r - 1), min_size=heads,
-                                                  max_size=heads))
-            branches.append(branch)
-        elif kind == "window":
-            branches.append({"window": {"size": draw(st.integers(1, 40))}})
-        elif kind == "global":
-            branches.append({"global": {"tokens": draw(st.lists(st.integers(0, 95), min_size=1,
-                                                                max_size=3))}})
-        else:
-            branches.append({"dense": {}})
-    spec = {"name": "random", "causal": draw(st.booleans()), "branches": branches,
-            "head_offsets": draw(st.sampled_from(["paper", "blocked"]))}
-    dim = draw(st.sampled_from([16, 32, 64]))
-    return spattn.Pattern.model_validate(spec), (draw(st.integers(1, 2)), heads, kv_heads, n, dim)
+    _check(scaled(name, 64), (1, 4, 2, 300, 16))
 
 
 @settings(max_examples=30, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(patterns())
+@given(generated_patterns())
 def test_random_patterns(case):
     pattern, shape = case
     _check(pattern, shape)
@@ -119,9 +70,9 @@ def test_odd_sizes(spec, shape, causal):
         not torch.cuda.is_available(), reason="the Triton interpreter mishandles bfloat16")),
 ], ids=["float16", "bfloat16"])
 def test_low_precision(dtype, tol):
-    pattern = _scaled("longnet-lm", 64)
+    pattern = scaled("longnet-lm", 64)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    q, k, v = (t.to(device) for t in _inputs(1, 2, 2, 128, 32))
+    q, k, v = (t.to(device) for t in inputs(1, 2, 2, 128, 32))
     ref = reference_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), pattern)
     out = spattn.attention(q.to(dtype), k.to(dtype), v.to(dtype), pattern, backend="triton")
     assert out.dtype == dtype and (out.double().cpu() - ref).abs().max() < tol
@@ -148,9 +99,9 @@ def test_emitted_module_imports_only_torch_triton_and_the_runtime():
 
 
 def test_emitted_module_imports_alone_in_a_fresh_process(tmp_path):
-    pattern = _scaled("sink-window", 64)
+    pattern = scaled("sink-window", 64)
     path = compile_module(pattern, tmp_path)
-    q, k, v = _inputs(1, 2, 1, 100, 16)
+    q, k, v = inputs(1, 2, 1, 100, 16)
     torch.save((q, k, v), tmp_path / "inputs.pt")
     script = textwrap.dedent(f"""
         import importlib.util, torch
@@ -205,8 +156,8 @@ def test_a_killed_compile_leaves_no_partial_module(tmp_path):
 
 
 def test_runtime_compiles_once_into_the_cache(tmp_path):
-    pattern = _scaled("longnet-lm", 64)
-    q, k, v = _inputs(1, 2, 2, 40, 16)
+    pattern = scaled("longnet-lm", 64)
+    q, k, v = inputs(1, 2, 2, 40, 16)
     spattn.attention(q, k, v, pattern, backend="triton")
     files = list((tmp_path / "cache").rglob("*.py"))
     assert len(files) == 1 and pattern.content_hash() in str(files[0])
@@ -218,10 +169,8 @@ def test_runtime_compiles_once_into_the_cache(tmp_path):
 
 
 def test_triton_backend_says_why_it_cannot_run(monkeypatch):
-    pattern = _scaled("longnet-lm", 64)
-    q, k, v = _inputs(1, 2, 2, 40, 16)
-    with pytest.raises(spattn.SpattnError, match="no backward yet"):
-        spattn.attention(q.requires_grad_(), k, v, pattern, backend="triton")
+    pattern = scaled("longnet-lm", 64)
+    q, k, v = inputs(1, 2, 2, 40, 16)
     union = pattern.model_copy(update={"overlap": "union"})
     with pytest.raises(spattn.SpattnError, match="union"):
         spattn.attention(q.detach(), k, v, union, backend="triton")
@@ -235,7 +184,7 @@ def test_pattern_softmax_scale_and_explicit_scale():
         "name": "scaled", "causal": True, "softmax_scale": 0.3,
         "branches": [{"segment": 16, "dilation": 2}, {"window": {"size": 5}}]})
     _check(pattern, (1, 2, 2, 50, 16))
-    q, k, v = _inputs(1, 2, 2, 50, 16)
+    q, k, v = inputs(1, 2, 2, 50, 16)
     out = spattn.attention(q, k, v, pattern, backend="triton", scale=0.7)
     ref = reference_attention(q.double(), k.double(), v.double(), pattern, scale=0.7)
     assert (out.double() - ref).abs().max() < TOLERANCE

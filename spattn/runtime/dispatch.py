@@ -15,7 +15,7 @@ import torch
 from spattn.errors import SpattnError
 from spattn.patterns.loader import load_pattern
 from spattn.patterns.spec import Pattern
-from spattn.runtime import ops, triton_backend
+from spattn.runtime import ops
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -40,7 +40,19 @@ class Call:
     needs_grad: bool
 
 
-class TorchBackend:
+class Backend:
+    """A way to run calls: says why it cannot take one, else runs it as the custom op."""
+
+    name: str
+
+    def why_not(self, call: Call, pattern: Pattern) -> str | None:
+        raise NotImplementedError
+
+    def run(self, q, k, v, key: str, scale: float) -> torch.Tensor:
+        return ops.attention(q, k, v, key, scale, self.name)
+
+
+class TorchBackend(Backend):
     """Strided views + torch's fused attention with LSE + log-sum-exp merge. Runs anywhere."""
 
     name = "torch"
@@ -50,12 +62,9 @@ class TorchBackend:
             return f"dtype {call.dtype} is not one of float32, float64, bfloat16, float16"
         return None
 
-    def run(self, q, k, v, key: str, scale: float) -> torch.Tensor:
-        return ops.attention(q, k, v, key, scale)
 
-
-class TritonBackend:
-    """The generated Triton kernels (forward only so far). On CPU they run under the Triton
+class TritonBackend(Backend):
+    """The generated Triton kernels, forward and backward. On CPU they run under the Triton
     interpreter when TRITON_INTERPRET=1 and the backend is asked for by name."""
 
     name = "triton"
@@ -66,15 +75,9 @@ class TritonBackend:
             return f"needs a CUDA device (got {call.device}; on CPU set TRITON_INTERPRET=1)"
         if call.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return f"dtype {call.dtype} is not one of float32, float16, bfloat16"
-        if call.needs_grad:
-            return "the generated kernels have no backward yet (use the torch backend to train)"
         if pattern.overlap == "union":
             return "overlap: union is not generated yet"
         return None
-
-    def run(self, q, k, v, key: str, scale: float) -> torch.Tensor:
-        module = triton_backend.compiled_module(ops.registered(key))
-        return module.attention(q, k, v, scale=scale)
 
 
 BACKENDS = {b.name: b for b in (TritonBackend(), TorchBackend())}  # in order of preference
@@ -157,7 +160,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
 
     `pattern` is a Pattern, a built-in name or a YAML path. `scale` defaults to the pattern's
     softmax_scale, else 1/sqrt(D). Returns (B, H, N, D) in q's dtype, differentiable in q, k, v
-    with the torch backend, and traceable by torch.compile(fullgraph=True).
+    on every backend, and traceable by torch.compile(fullgraph=True).
     """
     if not isinstance(pattern, Pattern):
         pattern = load_pattern(pattern)

@@ -1,9 +1,11 @@
-"""What generated modules call at run time: input checks, head offsets, global-token tables and
-block sizes. Generated code imports only torch, triton and this module."""
+"""What generated modules call at run time: input checks, head offsets, global-token tables,
+block sizes and the autograd Function. Generated code imports only torch, triton and this
+module."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -39,6 +41,32 @@ def block_sizes(device: torch.device) -> tuple[int, int]:
     if device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1":
         return 16, 16
     return 64, 64
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs keep float32 products ("ieee"; TF32 would lose about 3 digits); half
+    precision inputs ignore the setting."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class GeneratedAttention(torch.autograd.Function):
+    """A generated module's forward and backward kernels as one differentiable op. The forward
+    keeps only O and the merged LSE for the backward."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                kernels: tuple[Callable, Callable]) -> torch.Tensor:
+        forward, backward = kernels
+        out, lse = forward(q, k, v, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.backward = scale, backward
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.backward(d_out, q, k, v, out, lse, scale=ctx.scale)
+        return dq, dk, dv, None, None
 
 
 @lru_cache(maxsize=256)

@@ -1,11 +1,13 @@
-"""The PyTorch backend as `torch.library` custom ops, so that `torch.compile(fullgraph=True)`
-traces a model through `spattn.attention` without breaking the graph.
+"""The backends as `torch.library` custom ops, so that `torch.compile(fullgraph=True)` traces a
+model through `spattn.attention` without breaking the graph.
 
-    spattn::attention_forward(q, k, v, key, scale) -> (O, LSE)
-    spattn::attention_backward(dO, q, k, v, O, LSE, key, scale) -> (dQ, dK, dV)
+    spattn::attention_forward(q, k, v, key, scale, backend) -> (O, LSE)
+    spattn::attention_backward(dO, q, k, v, O, LSE, key, scale, backend) -> (dQ, dK, dV)
 
 `key` names a pattern registered by `register` (its content hash): ops take strings, not objects.
-Both ops have fake (meta) implementations for tracing; autograd links them.
+`backend` is "torch" (strided views + fused attention, runtime/torch_backend.py) or "triton" (the
+pattern's generated module). Both ops have fake (meta) implementations for tracing; autograd
+links them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 from spattn.patterns.geometry import resolve
 from spattn.patterns.spec import Pattern
-from spattn.runtime import torch_backend
+from spattn.runtime import torch_backend, triton_backend
 
 _PATTERNS: dict[str, Pattern] = {}
 
@@ -24,10 +26,6 @@ def register(pattern: Pattern) -> str:
     key = pattern.content_hash()
     _PATTERNS.setdefault(key, pattern)
     return key
-
-
-def registered(key: str) -> Pattern:
-    return _PATTERNS[key]
 
 
 def _problem(key: str, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch_backend.Problem:
@@ -44,48 +42,54 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.custom_op("spattn::attention_forward", mutates_args=())
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        return triton_backend.compiled_module(_PATTERNS[key]).attention_with_lse(q, k, v,
+                                                                                 scale=scale)
     return torch_backend.forward(q, k, v, _problem(key, q, k, scale))
 
 
 @attention_forward.register_fake
-def _(q, k, v, key, scale):
+def _(q, k, v, key, scale, backend):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
         q.shape[:3], dtype=_lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("spattn::attention_backward", mutates_args=())
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       out: torch.Tensor, lse: torch.Tensor, key: str, scale: float
+                       out: torch.Tensor, lse: torch.Tensor, key: str, scale: float, backend: str
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        return triton_backend.compiled_module(_PATTERNS[key]).attention_backward(
+            do, q, k, v, out, lse, scale=scale)
     return torch_backend.backward(do.contiguous(), q, k, v, out, lse, _problem(key, q, k, scale))
 
 
 @attention_backward.register_fake
-def _(do, q, k, v, out, lse, key, scale):
+def _(do, q, k, v, out, lse, key, scale, backend):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key, scale = inputs
+    q, k, v, key, scale, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.key, ctx.scale = key, scale
+    ctx.key, ctx.scale, ctx.backend = key, scale, backend
 
 
 def _backward(ctx, d_out, d_lse):
     # LSE never leaves spattn.attention, so nothing flows into it (d_lse is unused)
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_backward(d_out, q, k, v, out, lse, ctx.key, ctx.scale)
-    return dq, dk, dv, None, None
+    dq, dk, dv = attention_backward(d_out, q, k, v, out, lse, ctx.key, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str,
-              scale: float) -> torch.Tensor:
-    """The differentiable output of the torch backend for a registered pattern."""
-    return attention_forward(q, k, v, key, scale)[0]
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str, scale: float,
+              backend: str) -> torch.Tensor:
+    """The differentiable output of `backend` for a registered pattern."""
+    return attention_forward(q, k, v, key, scale, backend)[0]
