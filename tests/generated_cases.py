@@ -3,9 +3,33 @@
 from __future__ import annotations
 
 import torch
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 import spattn
+from spattn.patterns.report import scale_pattern
+
+# hypothesis settings for interpreter runs: slow examples, the same draws every run
+INTERPRETED = settings(deadline=None, derandomize=True,
+                       suppress_health_check=[HealthCheck.too_slow,
+                                              HealthCheck.function_scoped_fixture])
+
+
+def _odd(spec: dict, causal: bool) -> spattn.Pattern:
+    return spattn.Pattern.model_validate({"name": "odd", "causal": causal, "branches": [spec]})
+
+
+# name -> (pattern, (B, H, Hkv, N, D)): the sizes that break index arithmetic
+ODD_SIZES = {
+    f"{name}-{'causal' if causal else 'bidirectional'}": (_odd(spec, causal), shape)
+    for name, spec, shape in [
+        ("n1", {"segment": 8, "dilation": 1}, (1, 2, 2, 1, 16)),  # N = 1
+        ("ragged", {"segment": 24, "dilation": 5}, (1, 5, 5, 61, 32)),  # N % w, w % r != 0
+        ("w>n-gqa", {"segment": 500, "dilation": 3}, (2, 4, 2, 70, 64)),  # w > N, GQA
+        ("w1", {"segment": 1, "dilation": 1}, (1, 1, 1, 20, 16)),  # one-row segments
+    ]
+    for causal in (True, False)
+}
 
 
 def inputs(batch, heads, kv_heads, n, dim, seed=0):
@@ -17,16 +41,8 @@ def inputs(batch, heads, kv_heads, n, dim, seed=0):
 
 def scaled(name: str, factor: int) -> spattn.Pattern:
     """A built-in with every segment and window divided by `factor` (global tokens kept)."""
-    data = spattn.load_pattern(name).model_dump(by_alias=True, exclude_none=True)
-    if "schedule" in data:
-        data["schedule"]["geometric"]["segment"] //= factor
-    for branch in data.get("branches", []):
-        if "segment" in branch:
-            branch["segment"] = max(1, branch["segment"] // factor)
-        if "window" in branch:
-            branch["window"]["size"] = max(1, branch["window"]["size"] // factor)
-    data["name"] = f"{data['name']}-small"
-    return spattn.Pattern.model_validate(data)
+    small = scale_pattern(spattn.load_pattern(name), factor)
+    return small.model_copy(update={"name": f"{name}-small"})
 
 
 

@@ -1,0 +1,129 @@
+"""The methods spattn is timed against, each as `fn(q, k, v) -> out` on (B, H, N, D) tensors.
+
+- `dense_sdpa`: dense `scaled_dot_product_attention` (flash backend on CUDA): the speed reference.
+- `flex`: FlexAttention (compiled) with the BlockMask spattn exports for the pattern. FlexAttention
+  holds one 0/1 mask, so it computes the *union* of overlapping branches.
+- `gather_sdpa_scatter`: the official LongNet approach. Per dilated branch and head offset it
+  gathers the dilated rows into a dense copy, runs dense attention that returns the log-sum-exp,
+  scatters the result back, and merges the branches by their log-sum-exp. As in the official code
+  the mixing weights get no gradient (the fused ops' LSE output is not differentiable), so its
+  backward is about 2% off the true gradient; it is here for timing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import spattn
+from spattn.compiler.layouts import flex_mask_mod
+from spattn.patterns.geometry import Dense, Dilated, resolve
+
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def spattn_attention(pattern: spattn.Pattern, backend: str) -> Attention:
+    return lambda q, k, v: spattn.attention(q, k, v, pattern, backend=backend)
+
+
+def dense_sdpa(causal: bool) -> Attention:
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if q.is_cuda:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return run
+
+
+def flex(pattern: spattn.Pattern, seq_len: int, heads: int, device: torch.device) -> Attention:
+    """Compiled flex_attention with spattn's exported mask (built without an N x N tensor on
+    CUDA: create_block_mask(_compile=True))."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    mask_mod = flex_mask_mod(pattern, seq_len, heads, device)
+    block_mask = create_block_mask(mask_mod, None, heads, seq_len, seq_len, device=device,
+                                   _compile=device.type == "cuda")
+    compiled = torch.compile(flex_attention, dynamic=False)
+    scale = pattern.softmax_scale
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return compiled(q, k, v, block_mask=block_mask, scale=scale,
+                        enable_gqa=k.shape[1] != q.shape[1])
+
+    return run
+
+
+def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention that also returns the log-sum-exp (B, H, N), float32."""
+    if q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, causal, False, scale=scale)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, scale=scale)
+    return out, lse.float()
+
+
+def _segment_rows(n: int, segment: int, dilation: int, offset: int) -> list[torch.Tensor]:
+    """Positions of one head offset's dilated rows: (segments, m) for the full segments, then the
+    shorter last segment, each as one index tensor."""
+    groups = []
+    full = n // segment
+    m = len(range(offset, segment, dilation))
+    if full and m:
+        starts = torch.arange(full)[:, None] * segment
+        groups.append(starts + offset + dilation * torch.arange(m)[None, :])
+    tail = full * segment
+    if tail < n and offset < n - tail:
+        groups.append((tail + torch.arange(offset, n - tail, dilation))[None, :])
+    return groups
+
+
+def _gather(t: torch.Tensor, index: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Copy the indexed (head, position) rows of t (B, H, N, D) into (problems, 1, m, D)."""
+    b, h, n, d = t.shape
+    rows = t.reshape(b, h * n, d).index_select(1, index)
+    return rows.view(shape[0], 1, shape[1], d)
+
+
+def gather_sdpa_scatter(pattern: spattn.Pattern) -> Attention:
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, h, n, d = q.shape
+        group = h // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        scale = pattern.softmax_scale or 1.0 / math.sqrt(d)
+        outs, lses = [], []
+        for g in resolve(pattern, n, h):
+            if isinstance(g, Dense):
+                g = Dilated(segment=n, dilation=1, offsets=(0,) * h)
+            if not isinstance(g, Dilated):
+                raise NotImplementedError("gather + SDPA + scatter covers dilated and dense "
+                                          "branches only")
+            out = q.new_zeros(q.shape)
+            lse = q.new_full((b, h, n), float("-inf"), dtype=torch.float32)
+            for offset in sorted(set(g.offsets)):
+                heads = torch.tensor([i for i in range(h) if g.offsets[i] == offset])
+                for rows in _segment_rows(n, g.segment, g.dilation, offset):
+                    segs, m = rows.shape
+                    # (head, position) pairs as indices into the (B, H*N, ...) flattening
+                    index = (heads[:, None] * n + rows.flatten()[None, :]).flatten().to(q.device)
+                    shape = (b * len(heads) * segs, m)  # one dense problem per head and segment
+                    o, lse_part = sdpa_with_lse(
+                        *(_gather(t, index, shape) for t in (q, k, v)), pattern.causal, scale)
+                    out.view(b, h * n, d).index_copy_(1, index, o.reshape(b, -1, d))
+                    lse.view(b, h * n).index_copy_(1, index, lse_part.reshape(b, -1))
+            outs.append(out)
+            lses.append(lse)
+        total = torch.logsumexp(torch.stack(lses), 0)
+        total = torch.where(total.isfinite(), total, 0.0)
+        return sum(o * torch.exp(branch_lse - total).unsqueeze(-1).to(o.dtype)
+                   for o, branch_lse in zip(outs, lses, strict=True))
+
+    return run
