@@ -32,11 +32,16 @@ ODD_SIZES = {
 }
 
 
-def inputs(batch, heads, kv_heads, n, dim, seed=0):
+# the generated kernels run on the GPU when there is one, else on CPU under the interpreter
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def inputs(batch, heads, kv_heads, n, dim, seed=0, device=DEVICE):
+    """Unit-normal q, k, v (float32), the same numbers on every device."""
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, heads, n, dim, generator=gen),
-            torch.randn(batch, kv_heads, n, dim, generator=gen),
-            torch.randn(batch, kv_heads, n, dim, generator=gen))
+    return (torch.randn(batch, heads, n, dim, generator=gen).to(device),
+            torch.randn(batch, kv_heads, n, dim, generator=gen).to(device),
+            torch.randn(batch, kv_heads, n, dim, generator=gen).to(device))
 
 
 def scaled(name: str, factor: int) -> spattn.Pattern:
