@@ -128,11 +128,8 @@ def free(device: torch.device) -> None:
 
 
 def _sizes(args: argparse.Namespace) -> list[tuple[str, int, int]]:
-    """(pattern, head_dim, N) cells: LongNet over every N and head_dim; windows at D=64."""
-    cells = [("longnet-lm", d, n) for d in args.head_dims for n in args.seq_lens]
-    cells += [(name, args.head_dims[0], n) for name in args.window_patterns
-              for n in args.seq_lens]
-    return cells
+    """(pattern, head_dim, N) cells."""
+    return [(name, d, n) for name in args.patterns for d in args.head_dims for n in args.seq_lens]
 
 
 def sweep(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
@@ -325,7 +322,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"],
                         choices=["fwd", "fwd+bwd"])
-    parser.add_argument("--window-patterns", nargs="*", default=["sliding-window", "sink-window"])
+    parser.add_argument("--patterns", nargs="+",
+                        default=["longnet-lm", "sliding-window", "sink-window"])
     parser.add_argument("--check-len", type=int, default=1024, help="N of the correctness check")
     parser.add_argument("--divide", type=int, default=1, help="divide segments and windows")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs on CPU")

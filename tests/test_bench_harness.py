@@ -13,8 +13,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
 
 def test_cpu_check_runs_end_to_end(tmp_path):
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--cpu-check", "--seq-lens", "256", "--window-patterns",
-         "sink-window", "--methods", "spattn", "sdpa", "gather", "--repeats", "1",
+        [sys.executable, str(SCRIPT), "--cpu-check", "--seq-lens", "256", "--patterns",
+         "longnet-lm", "sink-window", "--methods", "spattn", "sdpa", "gather", "--repeats", "1",
          "--results", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     [path] = tmp_path.glob("harness_*.csv")
