@@ -74,6 +74,7 @@ def generated_patterns(draw, max_n: int = 90):
         else:
             branches.append({"dense": {}})
     spec = {"name": "random", "causal": draw(st.booleans()), "branches": branches,
-            "head_offsets": draw(st.sampled_from(["paper", "blocked"]))}
+            "head_offsets": draw(st.sampled_from(["paper", "blocked"])),
+            "overlap": draw(st.sampled_from(["multiset", "union"]))}
     dim = draw(st.sampled_from([16, 32, 64]))
     return spattn.Pattern.model_validate(spec), (draw(st.integers(1, 2)), heads, kv_heads, n, dim)

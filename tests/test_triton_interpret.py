@@ -149,9 +149,8 @@ def test_runtime_compiles_once_into_the_cache(tmp_path):
 def test_triton_backend_says_why_it_cannot_run(monkeypatch):
     pattern = scaled("longnet-lm", 64)
     q, k, v = inputs(1, 2, 2, 40, 16)
-    union = pattern.model_copy(update={"overlap": "union"})
-    with pytest.raises(spattn.SpattnError, match="union"):
-        spattn.attention(q.detach(), k, v, union, backend="triton")
+    with pytest.raises(spattn.SpattnError, match="dtype torch.float64"):
+        spattn.attention(q.double(), k.double(), v.double(), pattern, backend="triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(spattn.SpattnError, match="needs a CUDA device"):
         spattn.attention(q.detach().cpu(), k.cpu(), v.cpu(), pattern, backend="triton")

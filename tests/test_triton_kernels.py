@@ -79,6 +79,19 @@ def test_every_branch_kind_with_gqa_and_groups_of_offsets():
     _check(pattern, (2, 4, 1, 50, 32))
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_union_overlap_counts_each_pair_once(causal):
+    # every kind overlaps an earlier one: the dense branch first, so later branches add nothing
+    # to its pairs; then global tokens before a window, a window before dilated rows
+    for branches in ([{"dense": {}}, {"segment": 16, "dilation": 2}, {"window": {"size": 5}},
+                      {"global": {"tokens": [1, 30]}}],
+                     [{"global": {"tokens": [1, 30]}}, {"window": {"size": 7}},
+                      {"segment": 12, "dilation": 2, "offsets": [1, 0, 0, 1]}, {"dense": {}}]):
+        pattern = spattn.Pattern.model_validate({"name": "union", "causal": causal,
+                                                 "overlap": "union", "branches": branches})
+        _check(pattern, (1, 4, 2, 45, 16))
+
+
 @pytest.mark.parametrize("dtype", [
     torch.float16,
     pytest.param(torch.bfloat16, marks=pytest.mark.skipif(

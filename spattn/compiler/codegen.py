@@ -78,16 +78,15 @@ def _template(name: str) -> jinja2.Template:
 
 def render(pattern: Pattern) -> str:
     """The module's source text."""
-    if pattern.overlap == "union":
-        raise SpattnError(f"pattern '{pattern.name}': the generated kernels do not support "
-                          f"overlap: union yet; use the torch backend")
     literal = pattern_literal(pattern)
     return _template("module.py.jinja").render(
         name=pattern.name, module=module_name(pattern), pattern_hash=literal["hash"],
         spattn_version=spattn.__version__, triton_version=triton.__version__,
-        pattern_literal=repr(literal), kernels=_template("kernels.py.jinja").render(),
+        pattern_literal=repr(literal),
+        kernels=_template("kernels.py.jinja").render(branches=literal["branches"]),
         softmax_scale=pattern.softmax_scale, head_dim=pattern.head_dim, causal=pattern.causal,
-        head_offsets=pattern.head_offsets, branches=literal["branches"])
+        head_offsets=pattern.head_offsets, branches=literal["branches"],
+        union=pattern.overlap == "union")
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -93,6 +93,31 @@ def _tokens_cached(tokens: tuple[int, ...], n: int, device: str
     return index.to(torch.int32), is_global
 
 
+# a branch as the union tables need it: (dilation or None, explicit offsets or None, global tokens)
+_Branch = tuple[int | None, tuple[int, ...] | None, tuple[int, ...]]
+
+
+@lru_cache(maxsize=64)
+def _union_cached(branches: tuple[_Branch, ...], mode: str, heads: int, n: int, device: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    offsets = torch.zeros((len(branches), heads), dtype=torch.int32)
+    flags = torch.zeros((len(branches), max(n, 1)), dtype=torch.int8)
+    for i, (dilation, explicit, tokens) in enumerate(branches):
+        if dilation is not None:
+            offsets[i] = torch.tensor(explicit or _offsets(mode, dilation, heads))
+        flags[i, [t for t in tokens if t < n]] = 1
+    return offsets.to(device), flags.to(device)
+
+
+def union_tables(pattern: dict, heads: int, n: int, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For overlap: union: every branch's per-head offsets (branches, H) int32 and global-token
+    flags (branches, N) int8, which the kernels read to skip pairs earlier branches give."""
+    branches = tuple((b.get("dilation"), tuple(b["offsets"]) if b.get("offsets") else None,
+                      tuple(b.get("tokens", ()))) for b in pattern["branches"])
+    return _union_cached(branches, pattern["head_offsets"], heads, n, str(device))
+
+
 def global_tokens(tokens: list[int], n: int, device: torch.device
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The global tokens below N (sorted, int32) and an int8 flag per position."""
