@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from spattn.cli.args import add_shape, positive
+
 HELP = "count a pattern's pairs, FLOPs, tiles, speed-up bound and hop distance; draw its mask"
 
 DESCRIPTION = """\
@@ -27,22 +29,6 @@ reported as unconnected, and the hop counts are over the connected pairs.
 """
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)  # 1_000_000 works too
-    except ValueError:
-        try:
-            value = float(text)  # 1e6
-        except ValueError:
-            value = None
-        if value is None or not value.is_integer():
-            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-        value = int(value)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 def _head(text: str) -> int | None:
     if text == "all":
         return None
@@ -58,30 +44,22 @@ def _head(text: str) -> int | None:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("inspect", help=HELP, description=DESCRIPTION,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("pattern", metavar="PATTERN", help="a built-in pattern name or a YAML file")
-    parser.add_argument("--seq-len", "-n", type=_positive, required=True, metavar="N",
-                        help="sequence length N (>= 1; 1e6 and 1_000_000 work)")
-    parser.add_argument("--heads", type=_positive, metavar="H",
-                        help="query heads (default: the pattern's, else 8)")
-    parser.add_argument("--head-dim", type=_positive, metavar="D",
-                        help="head dimension for FLOPs (default: the pattern's, else 64)")
-    parser.add_argument("--batch", type=_positive, default=1, metavar="B",
-                        help="batch size for FLOPs (default 1)")
-    parser.add_argument("--scale", type=_positive, default=1, metavar="S",
+    add_shape(parser, "sequence length N (>= 1; 1e6 and 1_000_000 work)")
+    parser.add_argument("--scale", type=positive, default=1, metavar="S",
                         help="divide every segment length and window size by S (rounded down, "
                              "at least 1), keeping dilations: the pattern's shape at a smaller N")
     parser.add_argument("--no-hops", action="store_true", help="skip the hop distances")
     parser.add_argument("--no-tiles", action="store_true", help="skip the tile comparison")
-    parser.add_argument("--block-m", type=_positive, default=64, metavar="M",
+    parser.add_argument("--block-m", type=positive, default=64, metavar="M",
                         help="query rows of spattn's tiles (default 64)")
-    parser.add_argument("--block-n", type=_positive, default=64, metavar="N",
+    parser.add_argument("--block-n", type=positive, default=64, metavar="N",
                         help="key rows of spattn's tiles (default 64)")
-    parser.add_argument("--flex-block", type=_positive, default=128, metavar="B",
+    parser.add_argument("--flex-block", type=positive, default=128, metavar="B",
                         help="tile side of the block-sparse kernel compared with (default 128)")
     parser.add_argument("--png", metavar="FILE", help="draw the mask into a PNG file")
     parser.add_argument("--head", type=_head, default=0, metavar="H|all",
                         help="the head to draw, or 'all' for a grid of every head (default 0)")
-    parser.add_argument("--png-tokens", type=_positive, default=256, metavar="T",
+    parser.add_argument("--png-tokens", type=positive, default=256, metavar="T",
                         help="draw the first T tokens (default 256, at most 4096)")
     parser.set_defaults(run=run)
 

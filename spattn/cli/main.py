@@ -7,10 +7,10 @@ import sys
 from collections.abc import Sequence
 
 from spattn import __version__
-from spattn.cli import compile_cmd, inspect_cmd, list_cmd, run_cmd
+from spattn.cli import compile_cmd, inspect_cmd, list_cmd, plan_cmd, run_cmd
 from spattn.errors import SpattnError
 
-COMMANDS = (list_cmd, inspect_cmd, compile_cmd, run_cmd)
+COMMANDS = (list_cmd, inspect_cmd, compile_cmd, plan_cmd, run_cmd)
 
 
 class _Parser(argparse.ArgumentParser):

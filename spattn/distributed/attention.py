@@ -1,0 +1,317 @@
+"""`spattn.distributed.attention`: a pattern's attention over a sequence split across ranks.
+
+Each rank passes its contiguous chunk of l = N/P tokens and gets its chunk of the output. The
+plan (plan.py) says which branches are local and which span subgroups of g ranks.
+
+Forward, on every rank:
+1. check its own inputs and build the plan, then all-gather one small metadata tensor over the
+   group, so that a bad input or a disagreement between ranks raises on every rank (never a
+   deadlock) before any data moves;
+2. local branches: the PyTorch backend over the local chunk (segments are aligned to chunks);
+3. spanning branches, in plan order: all-gather the rank's dilated K/V rows within the subgroup,
+   attend the local dilated queries to them (causal: the earlier ranks' rows in full, plus the
+   rank's own rows causally), and merge every piece into one (O, LSE) by log-sum-exp.
+
+Backward (exact, DESIGN.md): with the merged O and LSE, P_i = exp(S_i - LSE),
+D = rowsum(dO * O), dS_i = P_i * (dO V^T - D) for every piece; dQ stays local, and the gathered
+rows' dK/dV go back to their owners with one all-to-all per spanning branch (the all-gather's
+adjoint), where they are summed.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from spattn.distributed import comm
+from spattn.distributed.plan import (
+    CHECK_ELEMENTS,
+    BranchPlan,
+    DistributedPlan,
+    build_plan,
+    grad_dtype,
+)
+from spattn.patterns.loader import load_pattern
+from spattn.patterns.spec import Pattern
+from spattn.runtime import torch_backend
+from spattn.runtime.dispatch import BackendError, InputError, check_fixed, check_tensors
+from spattn.runtime.kernels import attend, attend_backward
+
+DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.float16: 4}
+DEVICE_CODES = {"cpu": 1, "cuda": 2}
+FIELDS = ("inputs", "batch", "heads", "kv_heads", "local seq_len", "head_dim", "dtype",
+          "device type", "requires grad", "pattern (content hash)", "pattern (content hash)",
+          "softmax scale", "world size")
+
+
+# --- checks before any data moves -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    plan: DistributedPlan
+    scale: float
+    needs_grad: bool
+    pattern_hash: str
+    device_type: str
+
+
+def _prepare(q, k, v, pattern, backend, scale, world: int, group) -> _Prepared:
+    if not isinstance(pattern, Pattern):
+        pattern = load_pattern(pattern)
+    call = check_tensors(q, k, v)
+    check_fixed(call, pattern.name, pattern.heads, pattern.kv_heads, pattern.head_dim,
+                pattern.required_heads())
+    if backend not in (None, "torch"):
+        raise BackendError(f"backend '{backend}' cannot run distributed attention yet; it runs "
+                           f"on the 'torch' backend's pieces (backend=None or 'torch')")
+    if call.dtype not in DTYPE_CODES:
+        raise InputError(f"dtype {call.dtype} is not one of float32, float64, bfloat16, float16")
+    device = comm.comm_device(group)
+    if call.device.type != device.type:
+        raise InputError(f"the group's {dist.get_backend(group)} backend communicates "
+                         f"{device.type} tensors, but q, k, v are on {call.device}")
+    if scale is None:
+        scale = pattern.softmax_scale or 1.0 / math.sqrt(call.head_dim)
+    plan = build_plan(pattern, call.seq_len * world, world, heads=call.heads,
+                      kv_heads=call.kv_heads, head_dim=call.head_dim, batch=call.batch,
+                      dtype=call.dtype)
+    return _Prepared(plan, float(scale), call.needs_grad, pattern.content_hash(),
+                     call.device.type)
+
+
+def _metadata(prepared: _Prepared | None, world: int) -> list[int]:
+    if prepared is None:
+        return [0] * CHECK_ELEMENTS
+    p = prepared.plan
+    digest = int(prepared.pattern_hash, 16)
+    scale_bits = struct.unpack("<q", struct.pack("<d", prepared.scale))[0]
+    values = [1, p.batch, p.heads, p.kv_heads, p.chunk, p.head_dim, DTYPE_CODES[p.dtype],
+              DEVICE_CODES.get(prepared.device_type, 3),
+              int(prepared.needs_grad), digest >> 32, digest & 0xFFFFFFFF, scale_bits, world]
+    return values + [0] * (CHECK_ELEMENTS - len(values))
+
+
+def _show(field: int, row: list[int]) -> str:
+    value = row[field]
+    if FIELDS[field] == "dtype":
+        return next(str(d).removeprefix("torch.") for d, c in DTYPE_CODES.items() if c == value)
+    if FIELDS[field].startswith("pattern"):
+        return f"{(row[9] << 32) | row[10]:016x}"
+    if FIELDS[field] == "device type":
+        return next((name for name, c in DEVICE_CODES.items() if c == value), "other")
+    if FIELDS[field] == "softmax scale":
+        return f"{struct.unpack('<d', struct.pack('<q', value))[0]:.6g}"
+    return str(value)
+
+
+def _agree(prepared: _Prepared | None, error: Exception | None, device: torch.device,
+           group) -> None:
+    """All-gather every rank's metadata; raise on every rank if one failed or they disagree."""
+    world = dist.get_world_size(group)
+    local = torch.tensor(_metadata(prepared, world), dtype=torch.int64, device=device)
+    rows = comm.all_gather(local, group, "check").cpu().tolist()
+    failed = [r for r, row in enumerate(rows) if row[0] == 0]
+    if error is not None:
+        raise error
+    if failed:
+        who = f"ranks {', '.join(map(str, failed))} rejected their" if len(failed) > 1 else \
+            f"rank {failed[0]} rejected its"
+        raise InputError(f"{who} inputs (see the error there); nothing was computed")
+    for field in range(1, len(FIELDS)):
+        values = {r: rows[r][field] for r in range(world)}
+        if len(set(values.values())) > 1:
+            shown = ", ".join(f"rank {r}: {_show(field, rows[r])}" for r in range(world))
+            raise InputError(f"ranks disagree on {FIELDS[field]} ({shown}); every rank must call "
+                             f"with the same pattern, dtype and chunk shape")
+
+
+# --- the spanning branches ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _OffsetGroup:
+    """Query heads of one spanning branch that share an offset: same rows, same key counts."""
+
+    heads: torch.Tensor  # (nh,) query heads
+    kv: torch.Tensor  # (nh,) their kv heads
+    rows: torch.Tensor  # (m,) chunk rows they keep
+    keys: torch.Tensor  # (nh, Mk) rows of the gathered (g * R) buffer each head attends
+
+
+class _Span:
+    """One spanning branch as seen from this rank."""
+
+    def __init__(self, branch: BranchPlan, plan: DistributedPlan, group, device: torch.device):
+        self.branch = branch
+        self.group, self.position = comm.subgroup(group, branch.span)
+        r, g, p = branch.dilation, branch.span, self.position
+        starts, start = {}, 0
+        self.pack_rows = []  # (kv head, chunk rows, first buffer row)
+        for combo, rows in zip(branch.combos, branch.combo_rows, strict=True):
+            kvh, s = combo
+            starts[combo] = start
+            own = branch.first_row(p, s) + r * torch.arange(branch.row_count(p, s), device=device)
+            self.pack_rows.append((kvh, own, start))
+            start += rows
+        size = branch.buffer_rows
+        per_group = plan.heads // plan.kv_heads
+        members = range(p) if plan.causal else range(g)
+        self.groups = []
+        for s in sorted(set(branch.offsets)):
+            heads = [h for h in range(plan.heads) if branch.offsets[h] == s]
+            rows = branch.first_row(p, s) + r * torch.arange(branch.row_count(p, s), device=device)
+            if not rows.numel():
+                continue
+            keys = [torch.cat([m * size + starts[(h // per_group, s)] +
+                               torch.arange(branch.row_count(m, s), device=device)
+                               for m in members] or [torch.zeros(0, dtype=torch.int64,
+                                                                 device=device)])
+                    for h in heads]
+            self.groups.append(_OffsetGroup(
+                torch.tensor(heads, device=device),
+                torch.tensor([h // per_group for h in heads], device=device), rows,
+                torch.stack(keys)))
+
+    def pack(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """This rank's kept K and V rows, (2, B, R, D), zero padded."""
+        b, _, _, d = k.shape
+        buf = k.new_zeros((2, b, self.branch.buffer_rows, d))
+        for kvh, rows, start in self.pack_rows:
+            buf[0, :, start:start + len(rows)] = k[:, kvh, rows]
+            buf[1, :, start:start + len(rows)] = v[:, kvh, rows]
+        return buf
+
+    def unpack_add(self, grads: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+        for kvh, rows, start in self.pack_rows:
+            dk[:, kvh, rows] += grads[0, :, start:start + len(rows)]
+            dv[:, kvh, rows] += grads[1, :, start:start + len(rows)]
+
+
+def _merge(out, lse, grp: _OffsetGroup, o: torch.Tensor, s: torch.Tensor) -> None:
+    """Fold one piece's (O, LSE) into the running accumulators at the group's rows."""
+    at = (slice(None), grp.heads[:, None], grp.rows[None, :])
+    l_acc, s = lse[at], s.to(lse.dtype)
+    l_new = torch.logaddexp(l_acc, s)
+    finite = l_new.isfinite()  # rows still without keys stay 0, never NaN
+    w_acc = torch.where(finite, torch.exp(l_acc - l_new), 0).unsqueeze(-1)
+    w_new = torch.where(finite, torch.exp(s - l_new), 0).unsqueeze(-1)
+    out[at] = out[at] * w_acc + o.to(out.dtype) * w_new
+    lse[at] = l_new
+
+
+# --- the autograd function ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Run:
+    plan: DistributedPlan
+    scale: float
+    local: torch_backend.Problem | None
+    spans: tuple[_Span, ...]
+
+
+def _local_problem(plan: DistributedPlan, scale: float) -> torch_backend.Problem | None:
+    branches = tuple(b.geometry() for b in plan.branches if b.local)
+    if not branches:
+        return None
+    return torch_backend.Problem(branches, plan.chunk, plan.heads, plan.kv_heads, plan.causal,
+                                 False, scale)
+
+
+class _DistributedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, run: _Run):
+        acc, causal, scale = grad_dtype(q.dtype), run.plan.causal, run.scale
+        if run.local is not None:
+            out, lse = torch_backend.forward(q, k, v, run.local)
+            out, lse = out.to(acc), lse.to(acc)
+        else:
+            out = q.new_zeros(q.shape, dtype=acc)
+            lse = q.new_full(q.shape[:3], float("-inf"), dtype=acc)
+        gathered = []
+        for span in run.spans:
+            rows = comm.all_gather(span.pack(k, v), span.group, "forward")  # (g, 2, B, R, D)
+            kv = rows.permute(1, 2, 0, 3, 4).flatten(2, 3)  # (2, B, g * R, D)
+            gathered.append(kv)
+            for grp in span.groups:
+                qh = q[:, grp.heads[:, None], grp.rows[None, :]]
+                if grp.keys.shape[1]:
+                    o, s = attend(qh, kv[0][:, grp.keys], kv[1][:, grp.keys], scale, False, None)
+                    _merge(out, lse, grp, o, s)
+                if causal:  # the rank's own rows: the same rows as its queries, causally
+                    own = (slice(None), grp.kv[:, None], grp.rows[None, :])
+                    o, s = attend(qh, k[own], v[own], scale, True, None)
+                    _merge(out, lse, grp, o, s)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, *gathered)
+        ctx.run = run
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse, *gathered = ctx.saved_tensors
+        run, do = ctx.run, do.contiguous()
+        acc, causal, scale = grad_dtype(q.dtype), run.plan.causal, run.scale
+        if run.local is not None:
+            dq, dk, dv = (g.to(acc) for g in torch_backend.backward(do, q, k, v, out, lse,
+                                                                     run.local))
+        else:
+            dq, dk, dv = q.new_zeros(q.shape, dtype=acc), k.new_zeros(k.shape, dtype=acc), \
+                v.new_zeros(v.shape, dtype=acc)
+        b, hkv, n, d = k.shape
+        dk_rows, dv_rows = dk.view(b, hkv * n, d), dv.view(b, hkv * n, d)
+        for span, kv in zip(run.spans, gathered, strict=True):
+            dkv = kv.new_zeros(kv.shape, dtype=acc)  # gradients of the gathered rows
+            for grp in span.groups:
+                at = (slice(None), grp.heads[:, None], grp.rows[None, :])
+                qh, doh, oh, lh = q[at], do[at], out[at], lse[at]
+                if grp.keys.shape[1]:
+                    gq, gk, gv = attend_backward(doh, qh, kv[0][:, grp.keys], kv[1][:, grp.keys],
+                                                 oh, lh, scale, False, None)
+                    dq[at] += gq.to(acc)
+                    dkv[0].index_add_(1, grp.keys.flatten(), gk.flatten(1, 2).to(acc))
+                    dkv[1].index_add_(1, grp.keys.flatten(), gv.flatten(1, 2).to(acc))
+                if causal:
+                    own = (slice(None), grp.kv[:, None], grp.rows[None, :])
+                    gq, gk, gv = attend_backward(doh, qh, k[own], v[own], oh, lh, scale, True,
+                                                 None)
+                    dq[at] += gq.to(acc)
+                    flat = (grp.kv[:, None] * n + grp.rows[None, :]).flatten()
+                    dk_rows.index_add_(1, flat, gk.flatten(1, 2).to(acc))
+                    dv_rows.index_add_(1, flat, gv.flatten(1, 2).to(acc))
+            g = span.branch.span
+            send = dkv.unflatten(2, (g, -1)).permute(2, 0, 1, 3, 4)  # slot m: member m's rows
+            span.unpack_add(comm.all_to_all(send, span.group, "backward").sum(0), dk, dv)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | str, *,
+              group: dist.ProcessGroup | None = None, backend: str | None = None,
+              scale: float | None = None) -> torch.Tensor:
+    """`pattern`'s attention over a sequence split across the ranks of `group` (default: all).
+
+    Rank j passes its chunk q (B, H, N/P, D), k, v (B, Hkv, N/P, D) of tokens [j*N/P, (j+1)*N/P)
+    and gets its chunk of the output; differentiable in q, k, v. Every rank of the group must
+    call it together (and, if it needs gradients, run the backward together).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise InputError("torch.distributed is not initialized: call "
+                         "torch.distributed.init_process_group first (or use spattn.attention)")
+    group = dist.group.WORLD if group is None else group
+    world = dist.get_world_size(group)
+    prepared, error = None, None
+    try:
+        prepared = _prepare(q, k, v, pattern, backend, scale, world, group)
+    except Exception as exc:  # raised after the metadata exchange, so no rank waits forever
+        error = exc
+    device = comm.comm_device(group)
+    _agree(prepared, error, device, group)
+    plan = prepared.plan
+    spans = tuple(_Span(b, plan, group, q.device) for b in plan.branches if not b.local)
+    run = _Run(plan, prepared.scale, _local_problem(plan, prepared.scale), spans)
+    return _DistributedAttention.apply(q, k, v, run)
