@@ -63,9 +63,14 @@ class DilatedAttention(nn.Module):
         self.scale = scale
         self.backend = backend
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Sparse attention of q over k, v by the module's pattern."""
-        return attention(q, k, v, self.pattern, backend=self.backend, scale=self.scale)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                key_padding_mask: torch.Tensor | None = None,
+                seq_lens: list[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """Sparse attention of q over k, v by the module's pattern; several sequences per call
+        as `spattn.attention` takes them (a (B, N) key_padding_mask True at padding, or packed
+        seq_lens)."""
+        return attention(q, k, v, self.pattern, backend=self.backend, scale=self.scale,
+                         key_padding_mask=key_padding_mask, seq_lens=seq_lens)
 
     def extra_repr(self) -> str:
         parts = [f"pattern={self.pattern.name!r}"]
@@ -178,10 +183,15 @@ class MultiheadDilatedAttention(nn.Module):
                               f"got shape {tuple(x.shape)}")
 
     def forward(self, query: torch.Tensor, key: torch.Tensor | None = None,
-                value: torch.Tensor | None = None) -> torch.Tensor:
+                value: torch.Tensor | None = None, *,
+                key_padding_mask: torch.Tensor | None = None,
+                seq_lens: list[int] | torch.Tensor | None = None) -> torch.Tensor:
         """Attend `query` over `key`/`value` (default: `query`, self-attention).
 
         Shapes are (B, N, E) (or (N, B, E) with batch_first=False); returns the same shape.
+        `key_padding_mask` (B, N) is True at padding, as in `nn.MultiheadAttention` (each row's
+        real tokens one contiguous run; padding rows come out as the output projection's bias);
+        `seq_lens` packs several sequences along N.
         """
         if (key is None) != (value is None):
             raise ModuleError("give both key and value, or neither (self-attention)")
@@ -201,7 +211,7 @@ class MultiheadDilatedAttention(nn.Module):
         q = self.q_proj(query).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(key).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(value).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        out = self.attn(q, k, v)  # (B, H, N, D)
+        out = self.attn(q, k, v, key_padding_mask=key_padding_mask, seq_lens=seq_lens)
         out = self.out_proj(out.transpose(1, 2).reshape(b, n, self.embed_dim))
         return out if self.batch_first else out.transpose(0, 1)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from spattn.errors import SpattnError
 from spattn.patterns.loader import load_pattern
 from spattn.patterns.spec import Pattern
-from spattn.runtime import ops
+from spattn.runtime import ops, varlen
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -153,19 +154,46 @@ def _choose(pattern: Pattern, sizes: tuple[int, int, int, int, int], dtype: torc
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | str, *,
-              backend: str | None = None, scale: float | None = None) -> torch.Tensor:
+              backend: str | None = None, scale: float | None = None,
+              seq_lens: Sequence[int] | torch.Tensor | None = None,
+              cu_seqlens: Sequence[int] | torch.Tensor | None = None,
+              key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Sparse attention of q (B, H, N, D) over k, v (B, Hkv, N, D) by `pattern`.
 
     `pattern` is a Pattern, a built-in name or a YAML path. `scale` defaults to the pattern's
     softmax_scale, else 1/sqrt(D). Returns (B, H, N, D) in q's dtype, differentiable in q, k, v
     on every backend, and traceable by torch.compile(fullgraph=True).
+
+    Several sequences per call (runtime/varlen.py): packed along N, by their lengths `seq_lens`
+    or cumulative offsets `cu_seqlens` (flash-attn's varlen layout, the same in every batch row);
+    or padded, by a (B, N) bool `key_padding_mask`, True at padding (`nn.MultiheadAttention`'s
+    convention), each row's real tokens one contiguous run. Each sequence is segmented from its
+    own first token and never attends another; padding rows get zeros.
     """
     if not isinstance(pattern, Pattern):
         pattern = load_pattern(pattern)
     call = check_tensors(q, k, v)
+    if seq_lens is not None or cu_seqlens is not None or key_padding_mask is not None:
+        return _several(q, k, v, pattern, call, backend, scale, seq_lens, cu_seqlens,
+                        key_padding_mask)
     sizes = (call.batch, call.heads, call.kv_heads, call.seq_len, call.head_dim)
     name, key, scale = _choose(pattern, sizes, call.dtype, call.device, call.needs_grad, backend,
                                scale)
     if call.seq_len == 0:
         return q.new_zeros(q.shape).requires_grad_(call.needs_grad)
     return BACKENDS[name].run(q, k, v, key, scale)
+
+
+def _several(q, k, v, pattern, call, backend, scale, seq_lens, cu_seqlens, key_padding_mask
+             ) -> torch.Tensor:
+    def one(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
+        return attention(q_, k_, v_, pattern, backend=backend, scale=scale)
+
+    if key_padding_mask is None:
+        return varlen.packed(q, k, v, varlen.packed_bounds(call.seq_len, seq_lens, cu_seqlens),
+                             one)
+    if seq_lens is not None or cu_seqlens is not None:
+        raise InputError("give packed sequences (seq_lens or cu_seqlens) or a key_padding_mask, "
+                         "not both")
+    return varlen.padded(q, k, v, varlen.padding_bounds(key_padding_mask, call.batch,
+                                                         call.seq_len), one)
