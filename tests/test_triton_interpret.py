@@ -165,3 +165,14 @@ def test_pattern_softmax_scale_and_explicit_scale():
     out = spattn.attention(q, k, v, pattern, backend="triton", scale=0.7)
     ref = _reference(pattern, q, k, v, scale=0.7)
     assert (out.double().cpu() - ref).abs().max() < TOLERANCE
+
+
+def test_rows_too_far_apart_for_32_bit_offsets_are_made_contiguous():
+    from spattn.runtime.generated import rows_contiguous
+
+    n, heads, dim = 1 << 22, 12, 64  # (B, N, H, D) transposed: rows 768 elements apart
+    wide = torch.empty(1, n, heads, dim, device="meta").transpose(1, 2)
+    q, k, v = rows_contiguous(wide, wide, wide)
+    assert q.stride(2) == k.stride(2) == v.stride(2) == dim
+    narrow = torch.empty(1, 2048, heads, dim, device="meta").transpose(1, 2)
+    assert rows_contiguous(narrow, narrow, narrow)[0].stride(2) == heads * dim  # left as is

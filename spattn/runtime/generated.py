@@ -28,10 +28,14 @@ def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: dict
 
 def rows_contiguous(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Kernels index rows with strides but need each row's D elements contiguous, and k and v
-    with the same strides."""
+    with the same strides. Row offsets (row * row stride) are 32-bit in the kernels, so a layout
+    whose rows are too far apart for that (e.g. (B, N, H, D) transposed, past ~2M tokens) is
+    made contiguous, where the row stride is D."""
     q, k, v = tensors
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    if k.stride() != v.stride() or k.stride(-1) != 1:
+    n = q.shape[2]
+    if q.stride(-1) != 1 or q.stride(2) * n >= 2**31:
+        q = q.contiguous()
+    if k.stride() != v.stride() or k.stride(-1) != 1 or k.stride(2) * n >= 2**31:
         k, v = k.contiguous(), v.contiguous()
     return q, k, v
 
