@@ -1,4 +1,5 @@
-"""The float64 oracle, written from SEMANTICS.md alone: explicit masks, plain loops, small N.
+"""The float64 oracle, written from SEMANTICS.md (and docs/branches.md for strided and random
+branches) alone: explicit masks, plain loops, small N.
 
 It shares nothing with spattn's backends but the pydantic Pattern it reads.
 """
@@ -28,6 +29,30 @@ def _offset(branch: dict, mode: str, h: int, heads: int) -> int:
     return h // math.ceil(heads / r)
 
 
+_M64 = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    z = (x + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def random_key_blocks(spec: dict, h: int, i: int, n: int, causal: bool) -> set[int]:
+    """R(h, i) of docs/branches.md: Floyd's draw of `blocks` of C candidate key blocks."""
+    blocks, seed = spec["blocks"], spec["seed"]
+    total = -(-n // spec["block"])
+    candidates = i + 1 if causal else total
+    if candidates <= blocks:
+        return set(range(candidates))
+    chosen: set[int] = set()
+    for j in range(candidates - blocks, candidates):
+        t = _mix((_mix((_mix((_mix(seed) + h) & _M64) + i) & _M64) + j) & _M64) % (j + 1)
+        chosen.add(j if t in chosen else t)
+    return chosen
+
+
 def branch_mask(branch: dict, mode: str, h: int, heads: int, n: int, causal: bool) -> torch.Tensor:
     """(N, N) bool: query p (row) may see key k (column) through this branch, for head h."""
     mask = torch.zeros(n, n, dtype=torch.bool)
@@ -46,6 +71,11 @@ def branch_mask(branch: dict, mode: str, h: int, heads: int, n: int, causal: boo
             elif "global" in branch:
                 tokens = [t for t in branch["global"]["tokens"] if t < n]
                 ok = p in tokens or k in tokens
+            elif "strided" in branch:
+                ok = (p - k) % branch["strided"]["stride"] == 0
+            elif "random" in branch:
+                b = branch["random"]["block"]
+                ok = k // b in random_key_blocks(branch["random"], h, p // b, n, causal)
             else:
                 ok = True
             mask[p, k] = ok

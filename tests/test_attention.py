@@ -21,7 +21,8 @@ SETTINGS = settings(max_examples=220, deadline=None, derandomize=True,
 
 @st.composite
 def branches(draw, heads: int, max_n: int):
-    kind = draw(st.sampled_from(["dilated", "dilated", "dilated", "window", "global", "dense"]))
+    kind = draw(st.sampled_from(["dilated", "dilated", "dilated", "window", "global", "strided",
+                                 "random", "dense"]))
     if kind == "dilated":
         r = draw(st.integers(1, 6))
         branch = {"segment": draw(st.integers(1, max_n + 8)), "dilation": r}
@@ -34,6 +35,11 @@ def branches(draw, heads: int, max_n: int):
     if kind == "global":
         return {"global": {"tokens": draw(st.lists(st.integers(0, max_n + 4), min_size=1,
                                                    max_size=4))}}
+    if kind == "strided":
+        return {"strided": {"stride": draw(st.integers(1, max_n + 4))}}
+    if kind == "random":
+        return {"random": {"block": draw(st.integers(1, max_n // 2 + 2)),
+                           "blocks": draw(st.integers(1, 4)), "seed": draw(st.integers(0, 99))}}
     return {"dense": {}}
 
 
@@ -80,6 +86,28 @@ FIXED = [  # odd sizes the strategy may or may not reach: named, always run
     (_dilated(1, 1), (1, 2, 2, 7, 4)),  # single-row segments
     (_dilated(5, 7, True), (1, 7, 7, 13, 4)),  # r > w: heads with offset >= w select nothing
 ]
+def _one(branch, causal, overlap="multiset"):
+    return spattn.Pattern.model_validate({"name": "one", "causal": causal, "overlap": overlap,
+                                          "branches": [branch]})
+
+
+NEW_KINDS = [  # strided and random branches (docs/branches.md) at their edges
+    (_one({"strided": {"stride": 1}}, True), (1, 2, 1, 9, 4)),  # every key
+    (_one({"strided": {"stride": 12}}, False), (1, 2, 2, 9, 4)),  # stride > N: the diagonal
+    (_one({"strided": {"stride": 4}}, True), (2, 2, 1, 31, 4)),  # N not a multiple of stride
+    (_one({"random": {"block": 1, "blocks": 3, "seed": 7}}, True), (1, 2, 1, 17, 4)),
+    (_one({"random": {"block": 20, "blocks": 2}}, False), (1, 2, 2, 9, 4)),  # block > N
+    (_one({"random": {"block": 4, "blocks": 9}}, False), (1, 3, 1, 30, 4)),  # every block
+    (_one({"random": {"block": 3, "blocks": 2, "seed": 1}}, True, "union"), (1, 4, 2, 29, 4)),
+]
+
+
+@pytest.mark.parametrize("pattern,shape", NEW_KINDS, ids=[
+    "stride1", "stride>n", "stride-ragged", "block1", "block>n", "all-blocks", "random-union"])
+def test_new_branch_kinds_match_reference(pattern, shape):
+    _check_against_reference(pattern, shape)
+
+
 WINDOWS = [  # interior chunks (full, diagonal and edge blocks) and both sequence ends
     (_window(size, causal), (1, 2, 1, n, 4))
     for size, n in ((1, 40), (7, 61), (50, 203), (130, 420)) for causal in (True, False)
@@ -142,9 +170,18 @@ LONGNET_SMALL = spattn.Pattern.model_validate({
 SINK_SMALL = spattn.Pattern.model_validate({
     "name": "sink-small", "causal": True,
     "branches": [{"global": {"tokens": [0, 1, 2, 3]}}, {"window": {"size": 24}}]})
+STRIDED_SMALL = spattn.Pattern.model_validate({
+    "name": "strided-small", "causal": True, "overlap": "union",
+    "branches": [{"window": {"size": 6}}, {"strided": {"stride": 6}}]})
+BIGBIRD_SMALL = spattn.Pattern.model_validate({
+    "name": "bigbird-small", "overlap": "union",
+    "branches": [{"global": {"tokens": [0, 1, 2]}}, {"window": {"size": 7}},
+                 {"random": {"block": 5, "blocks": 2, "seed": 3}}]})
+SMALL = [LONGNET_SMALL, SINK_SMALL, STRIDED_SMALL, BIGBIRD_SMALL]
+SMALL_IDS = ["longnet", "sink", "strided", "bigbird"]
 
 
-@pytest.mark.parametrize("pattern", [LONGNET_SMALL, SINK_SMALL], ids=["longnet", "sink"])
+@pytest.mark.parametrize("pattern", SMALL, ids=SMALL_IDS)
 def test_float64_gradcheck(pattern):
     q, k, v = _inputs((1, 2, 1, 28, 3))
     assert torch.autograd.gradcheck(lambda a, b, c: spattn.attention(a, b, c, pattern), (q, k, v))
@@ -155,7 +192,7 @@ TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
-@pytest.mark.parametrize("pattern", [LONGNET_SMALL, SINK_SMALL], ids=["longnet", "sink"])
+@pytest.mark.parametrize("pattern", SMALL, ids=SMALL_IDS)
 def test_low_precision_forward_and_backward(pattern, dtype):
     shape = (2, 4, 2, 100, 32)
     q, k, v = _inputs(shape, dtype=dtype)
@@ -208,7 +245,8 @@ def test_memory_stays_linear_in_n():
     pattern = spattn.Pattern.model_validate({
         "name": "mixed", "causal": True, "branches": [
             {"segment": 512, "dilation": 1}, {"segment": 4096, "dilation": 8},
-            {"window": {"size": 300}}, {"global": {"tokens": [0, 1]}}]})
+            {"window": {"size": 300}}, {"global": {"tokens": [0, 1]}}, {"strided": {"stride": 64}},
+            {"random": {"block": 64, "blocks": 3}}]})
     q, k, v = _inputs((1, 2, 2, n, 8), dtype=torch.float32)
     with LargestTensor() as mode:
         spattn.attention(q, k, v, pattern).sum().backward()

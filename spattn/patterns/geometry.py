@@ -12,7 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
-from spattn.patterns.spec import DenseBranch, DilatedBranch, GlobalBranch, Pattern, WindowBranch
+from spattn.patterns.blocks import random_blocks
+from spattn.patterns.spec import (
+    DenseBranch,
+    DilatedBranch,
+    GlobalBranch,
+    Pattern,
+    RandomBranch,
+    StridedBranch,
+    WindowBranch,
+)
 
 
 @dataclass(frozen=True)
@@ -58,13 +67,50 @@ class Global:
 
 
 @dataclass(frozen=True)
+class Strided:
+    """Key k for query p when (p - k) mod stride == 0: each residue class attends itself."""
+
+    stride: int
+
+    def classes(self, seq_len: int) -> list[tuple[int, int, int]]:
+        """(first residue, how many residues, rows each): the classes of equal size, at most 2."""
+        rows, longer = divmod(seq_len, self.stride)
+        groups = [(0, min(longer, self.stride), rows + 1), (longer, self.stride - longer, rows)]
+        return [(first, count, m) for first, count, m in groups if count and m]
+
+    def allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        return (qpos - kpos) % self.stride == 0
+
+
+@dataclass(frozen=True)
+class RandomBlocks:
+    """Query block i (tokens [i*block, (i+1)*block)) sees the key blocks `table()[head, i]`."""
+
+    block: int
+    blocks: int
+    seed: int
+    seq_len: int
+    heads: int
+    causal: bool
+
+    def table(self) -> torch.Tensor:
+        """(heads, query blocks, blocks) int64 key blocks, -1 where a query block has fewer."""
+        return random_blocks(self.block, self.blocks, self.seed, self.seq_len, self.heads,
+                             self.causal)
+
+    def allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        chosen = self.table()[head].to(qpos.device)[qpos // self.block]  # (..., blocks)
+        return (chosen == (kpos // self.block).unsqueeze(-1)).any(-1)
+
+
+@dataclass(frozen=True)
 class Dense:
     def allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
         return torch.ones(torch.broadcast_shapes(qpos.shape, kpos.shape), dtype=torch.bool,
                           device=qpos.device)
 
 
-Geometry = Dilated | Window | Global | Dense
+Geometry = Dilated | Window | Global | Strided | RandomBlocks | Dense
 
 
 def head_offsets(mode: str, dilation: int, heads: int) -> tuple[int, ...]:
@@ -93,6 +139,12 @@ def resolve(pattern: Pattern, seq_len: int, heads: int) -> tuple[Geometry, ...]:
         elif isinstance(branch, GlobalBranch):
             tokens = sorted({t for t in branch.global_.tokens if t < seq_len})
             resolved.append(Global(tuple(tokens)))
+        elif isinstance(branch, StridedBranch):
+            resolved.append(Strided(branch.strided.stride))
+        elif isinstance(branch, RandomBranch):
+            spec = branch.random
+            resolved.append(RandomBlocks(spec.block, spec.blocks, spec.seed, seq_len, heads,
+                                         pattern.causal))
         elif isinstance(branch, DenseBranch):
             resolved.append(Dense())
         else:  # pragma: no cover - the spec admits no other kind
@@ -108,4 +160,8 @@ def describe(geometry: Geometry) -> str:
         return f"window {geometry.size}"
     if isinstance(geometry, Global):
         return f"global {len(geometry.tokens)} tokens"
+    if isinstance(geometry, Strided):
+        return f"strided {geometry.stride}"
+    if isinstance(geometry, RandomBlocks):
+        return f"random {geometry.blocks} blocks of {geometry.block}"
     return "dense"

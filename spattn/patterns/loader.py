@@ -31,6 +31,8 @@ _BRANCH_TAGS: dict[str, type[BaseModel]] = {
     "dilated": spec.DilatedBranch,
     "window": spec.WindowBranch,
     "global": spec.GlobalBranch,
+    "strided": spec.StridedBranch,
+    "random": spec.RandomBranch,
     "dense": spec.DenseBranch,
 }
 

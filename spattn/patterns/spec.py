@@ -84,6 +84,29 @@ class GlobalBranch(_Spec):
     global_: GlobalSpec = Field(alias="global")
 
 
+class StridedSpec(_Spec):
+    stride: PositiveInt
+
+
+class StridedBranch(_Spec):
+    """The Sparse Transformer's strided attention: keys k with (p - k) mod stride == 0."""
+
+    strided: StridedSpec
+
+
+class RandomSpec(_Spec):
+    block: PositiveInt
+    blocks: PositiveInt
+    seed: NonNegativeInt = 0
+
+
+class RandomBranch(_Spec):
+    """BigBird's random attention: each query block sees `blocks` key blocks of `block` tokens,
+    drawn per head from `seed` (docs/branches.md defines the draw exactly)."""
+
+    random: RandomSpec
+
+
 class DenseSpec(_Spec):
     pass
 
@@ -100,11 +123,13 @@ def _branch_kind(value: Any) -> str | None:
             DilatedBranch: "dilated",
             WindowBranch: "window",
             GlobalBranch: "global",
+            StridedBranch: "strided",
+            RandomBranch: "random",
             DenseBranch: "dense",
         }.get(type(value))
     if not isinstance(value, dict):
         return None
-    for key in ("window", "global", "dense"):
+    for key in ("window", "global", "strided", "random", "dense"):
         if key in value:
             return key
     if "segment" in value or "dilation" in value:
@@ -116,12 +141,15 @@ Branch = Annotated[
     Annotated[DilatedBranch, Tag("dilated")]
     | Annotated[WindowBranch, Tag("window")]
     | Annotated[GlobalBranch, Tag("global")]
+    | Annotated[StridedBranch, Tag("strided")]
+    | Annotated[RandomBranch, Tag("random")]
     | Annotated[DenseBranch, Tag("dense")],
     Discriminator(
         _branch_kind,
         custom_error_type="branch_kind",
         custom_error_message=(
-            "a branch is a mapping with segment+dilation, or one of the keys window, global, dense"
+            "a branch is a mapping with segment+dilation, or one of the keys window, global, "
+            "strided, random, dense"
         ),
     ),
 ]

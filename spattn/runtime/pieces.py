@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from spattn.patterns.geometry import Dense, Dilated, Geometry, Global, Window
+from spattn.patterns.geometry import Dense, Dilated, Geometry, Global, RandomBlocks, Strided, Window
 from spattn.runtime.rows import Rows
 
 # (query positions (S, Mq, 1), key positions (S, 1, Mk)) -> allowed (S, Mq, Mk)
@@ -119,6 +119,32 @@ def _global(g: Global, n: int, head: int, causal: bool) -> Iterator[Piece]:
         yield Piece(head, Rows.of(g.tokens), Rows(0, n), mask=others)
 
 
+def _strided(g: Strided, n: int, head: int, causal: bool) -> Iterator[Piece]:
+    """Residue classes c, c + stride, ...: one interleaved strided view per class size."""
+    for first, classes, m in g.classes(n):
+        rows = Rows(first, m, g.stride, classes, 1)
+        yield Piece(head, rows, rows, causal=causal)
+
+
+def _random(g: RandomBlocks, n: int, head: int, causal: bool) -> Iterator[Piece]:
+    """Each draw slot is a batch of (query block, key block) tiles, one per query block, so a
+    piece never repeats query rows. Tiles group by size (the last block may be shorter) and by
+    whether they lie on the diagonal (causal in their own coordinates) or off it (unmasked)."""
+    b = g.block
+    table = g.table()[head]
+    query = torch.arange(table.shape[0])
+    tokens = (n - query * b).clamp(max=b)  # tokens in each block
+    for key in table.T:
+        tiles = key >= 0
+        i, j = query[tiles], key[tiles]
+        kind = torch.stack([tokens[i], tokens[j], (i == j) & causal], 1)
+        for mq, mk, diagonal in torch.unique(kind, dim=0).tolist():
+            same = (kind == torch.tensor([mq, mk, diagonal])).all(1)
+            q = Rows.runs(tuple((i[same] * b).tolist()), mq)
+            k = Rows.runs(tuple((j[same] * b).tolist()), mk)
+            yield Piece(head, q, k, causal=bool(diagonal))
+
+
 def _dense(n: int, head: int, causal: bool) -> Iterator[Piece]:
     yield Piece(head, Rows(0, n), Rows(0, n), causal=causal)
 
@@ -130,6 +156,10 @@ def branch_pieces(g: Geometry, n: int, head: int, causal: bool) -> Iterator[Piec
         return _window(g, n, head, causal)
     if isinstance(g, Global):
         return _global(g, n, head, causal)
+    if isinstance(g, Strided):
+        return _strided(g, n, head, causal)
+    if isinstance(g, RandomBlocks):
+        return _random(g, n, head, causal)
     if isinstance(g, Dense):
         return _dense(n, head, causal)
     raise TypeError(f"unknown branch {g!r}")
