@@ -16,24 +16,37 @@ from spattn.patterns.counting import (
     speedup_bound,
     useful_flops,
 )
+from spattn.patterns.geometry import resolve
 from spattn.patterns.loader import load_pattern, load_pattern_text
 from spattn.patterns.spec import Pattern
 
+KINDS = ("dilated", "dilated", "dilated", "window", "global", "dense")
+ALL_KINDS = (*KINDS, "strided", "random", "random")  # with docs/branches.md's
+RANDOM_HEAVY = ("random", "random", "random", "dilated", "window", "global", "strided")
+
 
 @st.composite
-def patterns(draw: st.DrawFn, max_size: int = 24) -> tuple[Pattern, int, int]:
+def patterns(draw: st.DrawFn, max_size: int = 24, kinds: tuple[str, ...] = KINDS
+             ) -> tuple[Pattern, int, int]:
     """A random small pattern, a sequence length and a head count that fits it.
 
     Sizes run past N on purpose (w > N, windows wider than N, global tokens at or past N), and
-    segments are rarely multiples of their dilation.
+    segments are rarely multiples of their dilation. Branch kinds are drawn from `kinds`;
+    strided and random ones (ALL_KINDS) have strides of 1 and past N, random blocks past N (or
+    not dividing it) and more blocks drawn than there are.
     """
     heads = draw(st.integers(1, 4))
     size = st.integers(1, max_size + 6)
     branches = []
     for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["dilated", "dilated", "dilated", "window", "global",
-                                     "dense"]))
-        if kind == "dilated":
+        kind = draw(st.sampled_from(kinds))
+        if kind == "strided":
+            branch = {"strided": {"stride": draw(st.integers(1, 4) | size)}}
+        elif kind == "random":
+            seed = draw(st.integers(0, 3) | st.integers(0, 2**63))
+            branch = {"random": {"block": draw(st.integers(1, 4) | size),
+                                 "blocks": draw(st.integers(1, 6)), "seed": seed}}
+        elif kind == "dilated":
             dilation = draw(st.integers(1, 5))
             branch = {"segment": draw(size), "dilation": dilation}
             if draw(st.booleans()) and draw(st.booleans()):  # explicit offsets, now and then
@@ -80,13 +93,48 @@ def test_counts_match_brute_force_longer(case: tuple[Pattern, int, int]) -> None
     assert count_pairs(pattern, n, heads) == brute_force_pairs(pattern, n, heads)
 
 
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(patterns(kinds=ALL_KINDS))
+def test_strided_and_random_counts_match_brute_force(case: tuple[Pattern, int, int]) -> None:
+    pattern, n, heads = case
+    assert count_pairs(pattern, n, heads) == brute_force_pairs(pattern, n, heads)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(patterns(max_size=40, kinds=RANDOM_HEAVY))
+def test_unions_of_random_blocks_match_brute_force(case: tuple[Pattern, int, int]) -> None:
+    # several random branches overlap (their runs are merged) beside the other kinds
+    pattern, n, heads = case
+    pattern = pattern.model_copy(update={"overlap": "union"})
+    assert count_pairs(pattern, n, heads) == brute_force_pairs(pattern, n, heads)
+
+
+@settings(max_examples=40, deadline=None)
+@given(patterns(max_size=90, kinds=ALL_KINDS))
+def test_strided_and_random_counts_match_brute_force_longer(case: tuple[Pattern, int, int]
+                                                            ) -> None:
+    pattern, n, heads = case
+    assert count_pairs(pattern, n, heads) == brute_force_pairs(pattern, n, heads)
+
+
 @pytest.mark.parametrize("overlap", ["multiset", "union"])
 @pytest.mark.parametrize("name", ["longnet-lm", "longvit", "sink-window", "longnet-geometric",
-                                  "sliding-window", "dense-causal"])
+                                  "sliding-window", "dense-causal", "bigbird",
+                                  "sparse-transformer-strided"])
 def test_builtins_match_brute_force(name: str, overlap: str) -> None:
     pattern = load_pattern(name).model_copy(update={"overlap": overlap})
     for n in (1, 37, 130):
         assert count_pairs(pattern, n, 3) == brute_force_pairs(pattern, n, 3)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bigbird_past_its_window_matches_brute_force(causal: bool) -> None:
+    # At N = 700 most random blocks lie outside the window and the global rows: the union
+    # counts whole tiles there, and row by row near the window.
+    pattern = load_pattern("bigbird").model_copy(update={"causal": causal})
+    counts = count_pairs(pattern, 700, 2)
+    assert counts == brute_force_pairs(pattern, 700, 2)
+    assert counts.total < sum(counts.branches)
 
 
 def test_hand_counted_dilated() -> None:
@@ -104,6 +152,33 @@ def test_hand_counted_window_and_global() -> None:
     assert count_pairs(window, 5, 1).total == 1 + 2 + 3 + 3 + 3
     sinks = load_pattern_text("name: g\nbranches:\n  - global: {tokens: [0, 2, 9]}\n")
     assert count_pairs(sinks, 5, 1).total == 2 * 2 * 5 - 4  # token 9 is past N
+
+
+def test_hand_counted_strided() -> None:
+    # L = 3, N = 10: residue classes {0, 3, 6, 9}, {1, 4, 7}, {2, 5, 8}.
+    text = "name: s\nbranches:\n  - strided: {stride: 3}\n"
+    assert count_pairs(load_pattern_text(text), 10, 2).total == 2 * (16 + 9 + 9)
+    assert count_pairs(load_pattern_text("causal: true\n" + text), 10, 2).total == 2 * (10 + 6 + 6)
+    # a stride of 1 is dense attention; one of N or more, the diagonal
+    assert count_pairs(load_pattern_text(text.replace("3", "1")), 10, 1).total == 100
+    assert count_pairs(load_pattern_text(text.replace("3", "10")), 10, 1).total == 10
+    # with a window of 3 beside it (union): the classes add their pairs 3 or more apart
+    window = "name: s\noverlap: union\nbranches:\n  - window: {size: 3}\n  - strided: {stride: 3}\n"
+    assert count_pairs(load_pattern_text(window), 10, 1).total == (10 + 2 * 17) + 2 * (6 + 3 + 3)
+
+
+def test_hand_counted_random() -> None:
+    # Blocks of 4 at N = 10: 3 query blocks of 4, 4 and 2 rows; with 3 (or more) blocks drawn,
+    # every query block sees every candidate: dense attention, or causal dense attention.
+    text = "name: r\nbranches:\n  - random: {block: 4, blocks: 3, seed: 7}\n"
+    assert count_pairs(load_pattern_text(text), 10, 2).total == 2 * 100
+    assert count_pairs(load_pattern_text("causal: true\n" + text), 10, 2).total == 2 * 55
+    # one block drawn: each query block sees one whole key block (the last has 2 tokens)
+    one = load_pattern_text(text.replace("blocks: 3", "blocks: 1"))
+    table = resolve(one, 10, 2)[0].table()
+    rows = [4, 4, 2]
+    assert count_pairs(one, 10, 2).total == sum(rows[i] * rows[int(table[h, i, 0])]
+                                                for h in range(2) for i in range(3))
 
 
 def test_costs() -> None:
@@ -126,7 +201,7 @@ def test_paper_cost_formula() -> None:
 
 def test_million_tokens_is_fast() -> None:
     for overlap in ("multiset", "union"):
-        for name in ("longnet-lm", "sink-window"):
+        for name in ("longnet-lm", "sink-window", "bigbird", "sparse-transformer-strided"):
             pattern = load_pattern(name).model_copy(update={"overlap": overlap})
             started = time.perf_counter()
             counts = count_pairs(pattern, 1_000_000, 8)

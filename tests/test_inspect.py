@@ -11,18 +11,18 @@ import networkx as nx
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from test_counting import patterns
+from test_counting import ALL_KINDS, patterns
 from test_layouts import brute_layout
 
 from spattn.cli.main import main
 from spattn.compiler.layouts import block_sparse_tiles
 from spattn.compiler.plan import build_plan
 from spattn.errors import SpattnError
-from spattn.patterns.counting import branch_mask
+from spattn.patterns.counting import branch_mask, brute_force_pairs
 from spattn.patterns.geometry import resolve
 from spattn.patterns.hops import Hops, hop_distance, hop_table, token_graph
 from spattn.patterns.loader import load_pattern, load_pattern_text
-from spattn.patterns.picture import draw_mask
+from spattn.patterns.picture import draw_mask, mask_image
 from spattn.patterns.report import inspect_pattern, scale_pattern
 from spattn.patterns.spec import Pattern
 
@@ -74,9 +74,34 @@ def test_hops_match_brute_force(case: tuple[Pattern, int, int]) -> None:
     assert (hops.hops, hops.unreachable) == brute_force_hops(pattern, n, heads)
 
 
-@pytest.mark.parametrize("name", ["longnet-lm", "longvit", "sink-window"])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(patterns(max_size=30, kinds=ALL_KINDS))
+def test_strided_and_random_hops_match_brute_force(case: tuple[Pattern, int, int]) -> None:
+    pattern, n, heads = case
+    hops = hop_distance(pattern, n, heads)
+    assert (hops.hops, hops.unreachable) == brute_force_hops(pattern, n, heads)
+
+
+SMALL_BIGBIRD = """\
+name: small-bigbird
+causal: {causal}
+overlap: union
+branches:
+  - global: {{tokens: [0]}}
+  - window: {{size: 2}}
+  - random: {{block: 3, blocks: 2, seed: 5}}
+"""
+
+
+@pytest.mark.parametrize("name", ["longnet-lm", "longvit", "sink-window",
+                                  "sparse-transformer-strided", "bigbird", "small-bigbird",
+                                  "small-bigbird-causal"])
 def test_hops_match_networkx(name: str) -> None:
-    pattern = scale_pattern(load_pattern(name), 256)  # segments 8, 16, ... for N = 50
+    if name.startswith("small-bigbird"):  # bigbird's 64 global tokens would link everything
+        pattern = load_pattern_text(SMALL_BIGBIRD.format(causal=str(name.endswith("causal"))
+                                                         .lower()))
+    else:  # segments 8, 16, ...; window and stride 8 (/ 16); bigbird's blocks of 1 (/ 256)
+        pattern = scale_pattern(load_pattern(name), 16 if "strided" in name else 256)
     n, heads = 50, 4
     lengths = dict(nx.all_pairs_shortest_path_length(token_graph(pattern, n, heads)))
     pairs = [(p, k) for p in range(n) for k in range(n)
@@ -97,6 +122,19 @@ def test_hops_by_hand() -> None:
                                "  - {segment: 8, dilation: 4}\n")
     assert hop_distance(linked, 8, 1) == Hops(8, 3, 56, 0)
     assert hop_distance(window, 1, 1) == Hops(1, 0, 0, 0)
+
+
+def test_strided_and_random_hops_by_hand() -> None:
+    # Residue classes mod 3 never meet: within one, every earlier token is one hop away.
+    strided = load_pattern_text("name: s\ncausal: true\nbranches:\n  - strided: {stride: 3}\n")
+    assert hop_distance(strided, 9, 1) == Hops(9, 1, 36, 36 - 3 * 3)
+    # A window of 2 beside it: 2 hops back along the class, then up to 2 steps of the window.
+    linked = load_pattern_text("name: s\ncausal: true\nbranches:\n  - window: {size: 2}\n"
+                               "  - strided: {stride: 3}\n")
+    assert hop_distance(linked, 9, 1) == Hops(9, 3, 36, 0)
+    # One block drawn per query block out of one: the whole sequence, one hop.
+    single = load_pattern_text("name: r\nbranches:\n  - random: {block: 4, blocks: 1}\n")
+    assert hop_distance(single, 4, 2) == Hops(4, 1, 12, 0)
 
 
 def test_hop_table_lengths() -> None:
@@ -156,6 +194,18 @@ def test_report_tiles() -> None:
     assert inspect_pattern(pattern, 10, heads=2, hops=False, tiles=False).tiles is None
 
 
+@pytest.mark.parametrize("name", ["bigbird", "sparse-transformer-strided"])
+def test_report_new_kinds(name: str) -> None:
+    pattern = load_pattern(name)
+    report = inspect_pattern(pattern, 300, heads=3, hops=False, tiles=False)
+    assert [r.label for r in report.branches] == {
+        "bigbird": ["global 64 tokens", "window 192", "random 3 blocks of 64 (seed 0)"],
+        "sparse-transformer-strided": ["window 128", "strided 128"]}[name]
+    counts = brute_force_pairs(pattern, 300, 3)
+    assert [r.pairs for r in report.branches] == list(counts.branches)
+    assert report.total.pairs == counts.total < sum(counts.branches)
+
+
 def test_report_heads() -> None:
     fixed = load_pattern_text("name: f\nheads: 4\nbranches:\n  - {segment: 8, dilation: 2}\n")
     assert inspect_pattern(fixed, 16, hops=False).heads == 4
@@ -169,6 +219,13 @@ def test_scale_pattern() -> None:
     assert [(b.segment, b.dilation) for b in scaled.expanded_branches()] == [
         (2, 1), (4, 2), (8, 4), (16, 8), (32, 16)]
     assert scale_pattern(load_pattern("sink-window"), 10**6).branches[1].window.size == 1
+    # strides and random block sizes are lengths too; block counts, seeds and tokens stay
+    window, strided = scale_pattern(load_pattern("sparse-transformer-strided"), 16).branches
+    assert (window.window.size, strided.strided.stride) == (8, 8)
+    tokens, window, random = scale_pattern(load_pattern("bigbird"), 16).branches
+    assert tokens == load_pattern("bigbird").branches[0] and window.window.size == 12
+    assert (random.random.block, random.random.blocks, random.random.seed) == (4, 3, 0)
+    assert scale_pattern(load_pattern("bigbird"), 10**6).branches[2].random.block == 1
     with pytest.raises(SpattnError):
         scale_pattern(load_pattern("sink-window"), 0)
 
@@ -201,6 +258,20 @@ def test_million_tokens(capsys: pytest.CaptureFixture[str]) -> None:
     # 4,298,744 tiles of 64x64 against 7,966,328 of 128x128 (the 32768-token segments' triangles)
     assert "4,298,744" in out and "7,966,328" in out and "7.41x less work" in out
     assert "not computed for N > 8,192" in out and "4,096" in out
+
+
+@pytest.mark.parametrize("name, labels", [
+    ("bigbird", ["global 64 tokens", "window 192", "random 3 blocks of 64 (seed 0)"]),
+    ("sparse-transformer-strided", ["window 128", "strided 128"]),
+])
+def test_million_tokens_new_kinds(name: str, labels: list[str],
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    started = time.perf_counter()
+    assert cli(["inspect", name, "--seq-len", "1000000", "--no-hops", "--no-tiles"]) == 0
+    assert time.perf_counter() - started < 10.0
+    out = capsys.readouterr().out
+    rows = [line.split("  ")[0] for line in out.splitlines()]
+    assert rows[rows.index("branch") + 1:][:len(labels) + 1] == [*labels, "total (union)"]
 
 
 def test_scaled_longnet_table(capsys: pytest.CaptureFixture[str]) -> None:
@@ -260,6 +331,17 @@ def test_png(tmp_path: Path, head: str, capsys: pytest.CaptureFixture[str]) -> N
     assert target.read_bytes().startswith(PNG_MAGIC)
     assert os.listdir(tmp_path) == ["mask.png"]  # no temporary file left behind
     assert "first 64 tokens" in capsys.readouterr().out
+
+
+def test_mask_image_new_kinds() -> None:
+    # every head of a random branch draws its own blocks; white where no branch allows a pair
+    pattern = load_pattern_text(SMALL_BIGBIRD.format(causal="true"))
+    for head in range(3):
+        image = mask_image(pattern, 40, 3, head, 32)
+        union = torch.zeros(32, 32, dtype=torch.bool)
+        for g in resolve(pattern, 40, 3):
+            union |= branch_mask(g, head, 40, True, tokens=32)
+        assert torch.equal(torch.from_numpy((image < 1).any(-1)), union)
 
 
 def test_png_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

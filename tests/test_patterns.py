@@ -22,6 +22,8 @@ from spattn.patterns.spec import (
     DilatedBranch,
     GlobalBranch,
     Pattern,
+    RandomBranch,
+    StridedBranch,
     WindowBranch,
 )
 
@@ -69,6 +71,13 @@ CASES = [
                                                      "line 4)"),
     ("duplicate-top-level-key.yaml", "causal", 5, "duplicate key 'causal'"),
     ("tab-indentation.yaml", None, 3, "not tabs"),
+    ("zero-stride.yaml", "branches[1].strided.stride", 6, "expected an integer > 0, got 0"),
+    ("float-stride.yaml", "branches[0].strided.stride", 5, "expected an integer, got 12.5"),
+    ("typo-stride-key.yaml", "branches[1].strided.strid", 5, "did you mean 'stride'?"),
+    ("random-missing-blocks.yaml", "branches[1].random.blocks", 4, "required key is missing"),
+    ("unknown-random-key.yaml", "branches[2].random.replace", 6,
+     "unknown key; expected one of: block, blocks, seed"),
+    ("negative-random-seed.yaml", "branches[0].random.seed", 6, "expected an integer >= 0, got -1"),
 ]
 
 
@@ -126,21 +135,23 @@ def dilated(pattern: Pattern) -> list[tuple[int, int]]:
     return [(b.segment, b.dilation) for b in pattern.expanded_branches()]
 
 
+BUILTINS = ["bigbird", "dense-causal", "longnet-geometric", "longnet-lm", "longvit",
+            "sink-window", "sliding-window", "sparse-transformer-strided"]
+
+
 def test_builtin_names() -> None:
-    assert builtin_names() == ["dense-causal", "longnet-geometric", "longnet-lm", "longvit",
-                               "sink-window", "sliding-window"]
+    assert builtin_names() == BUILTINS
     assert [b.name for b in builtin_patterns()] == builtin_names()
     for builtin in builtin_patterns():
         assert builtin.description and Path(builtin.path).name == f"{builtin.name}.yaml"
 
 
-@pytest.mark.parametrize("name", ["dense-causal", "longnet-geometric", "longnet-lm", "longvit",
-                                  "sink-window", "sliding-window"])
+@pytest.mark.parametrize("name", BUILTINS)
 def test_builtin_loads(name: str) -> None:
     pattern = load_pattern(name)
     assert pattern.name == name
     assert pattern.description
-    assert pattern.causal == (name != "longvit")
+    assert pattern.causal == (name not in ("longvit", "bigbird"))
 
 
 def test_builtin_branches() -> None:
@@ -158,6 +169,18 @@ def test_builtin_branches() -> None:
     assert isinstance(window, WindowBranch) and window.window.size == 4096
     (dense,) = load_pattern("dense-causal").branches
     assert isinstance(dense, DenseBranch)
+    bigbird = load_pattern("bigbird")
+    tokens, window, random = bigbird.branches
+    assert isinstance(tokens, GlobalBranch) and tokens.global_.tokens == list(range(64))
+    assert isinstance(window, WindowBranch) and window.window.size == 192
+    assert isinstance(random, RandomBranch)
+    assert (random.random.block, random.random.blocks, random.random.seed) == (64, 3, 0)
+    assert bigbird.overlap == "union"
+    strided = load_pattern("sparse-transformer-strided")
+    window, stride = strided.branches
+    assert isinstance(window, WindowBranch) and window.window.size == 128
+    assert isinstance(stride, StridedBranch) and stride.strided.stride == 128
+    assert strided.overlap == "union"
 
 
 def test_load_by_path_and_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -246,6 +269,12 @@ def test_list_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert [line.split()[0] for line in lines] == builtin_names()
     lm = next(line for line in lines if line.startswith("longnet-lm "))
     assert lm.split()[1] == "causal" and "  5 dilated branches  w 2048..32768  r 1..12  " in lm
+    summaries = {line.split()[0]: line for line in lines}
+    assert "  64 global tokens + window 192 + random 3 blocks of 64  " in summaries["bigbird"]
+    assert summaries["bigbird"].split()[1] == "non-causal"
+    assert "  window 128 + strided 128  " in summaries["sparse-transformer-strided"]
+    one = load_pattern_text("name: r\nbranches:\n  - random: {block: 8, blocks: 1}\n")
+    assert list_cmd.summarize(one) == "random 1 block of 8"
     descriptions = {b.name: b.description for b in builtin_patterns()}
     columns = {line.index(descriptions[line.split()[0]]) for line in lines}
     assert len(columns) == 1  # the descriptions line up

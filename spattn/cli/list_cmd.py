@@ -6,7 +6,15 @@ import argparse
 from typing import Any
 
 from spattn.patterns.loader import builtin_patterns, load_pattern
-from spattn.patterns.spec import DenseBranch, DilatedBranch, GlobalBranch, Pattern, WindowBranch
+from spattn.patterns.spec import (
+    DenseBranch,
+    DilatedBranch,
+    GlobalBranch,
+    Pattern,
+    RandomBranch,
+    StridedBranch,
+    WindowBranch,
+)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -34,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summarize(pattern: Pattern) -> str:
-    """The branches in a few words, e.g. '5 dilated branches  w 2048..32768  r 1..12'."""
+    """The branches in a few words, e.g. '5 dilated branches  w 2048..32768  r 1..12' or
+    'window 128 + strided 128'."""
     branches = pattern.expanded_branches()
     dilated = [b for b in branches if isinstance(b, DilatedBranch)]
     parts = []
@@ -48,6 +57,12 @@ def summarize(pattern: Pattern) -> str:
         elif isinstance(branch, GlobalBranch):
             count = len(set(branch.global_.tokens))
             parts.append(f"{count} global token{'s' if count > 1 else ''}")
+        elif isinstance(branch, StridedBranch):
+            parts.append(f"strided {branch.strided.stride}")
+        elif isinstance(branch, RandomBranch):
+            spec = branch.random
+            parts.append(f"random {spec.blocks} block{'s' if spec.blocks > 1 else ''} "
+                         f"of {spec.block}")
         elif isinstance(branch, DenseBranch):
             parts.append("dense")
     summary = " + ".join(parts)

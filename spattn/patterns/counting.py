@@ -1,12 +1,15 @@
 """Exact counts of the (head, query, key) triples a pattern allows, without an N x N mask.
 
-Per branch the counts are closed forms (per segment length, per window edge, per global token).
-The de-duplicated union of `overlap: union` is counted per head by inclusion-exclusion over
-subsets of branches: the pairs that several dilated branches share lie inside one cell of the
-common refinement of their segments, on one arithmetic progression per cell (Chinese remainder
-theorem), so a subset costs O(cells), not O(N^2); windows only bound the distance within a cell.
-Global tokens are then corrected for with per-query key counts of the other branches, only at
-the tokens. N = 1,000,000 takes well under a second for LongNet-like patterns.
+Per branch the counts are closed forms (per segment length, per window edge, per global token,
+per residue class of a stride, per random tile). The de-duplicated union of `overlap: union` is
+counted per head by inclusion-exclusion over subsets of branches: the pairs that several dilated
+branches share lie inside one cell of the common refinement of their segments, on one
+arithmetic progression per cell (Chinese remainder theorem), so a subset costs O(cells), not
+O(N^2); windows only bound the distance within a cell, and a stride splits a cell into residue
+classes. Random blocks are added row by row: each query's drawn key runs, less what the other
+branches already give it. Global tokens are then corrected for with per-query key counts of the
+other branches, only at the tokens. N = 1,000,000 takes well under a second for LongNet-like
+patterns, about a second for BigBird's.
 
 `brute_force_pairs` materializes the mask; it exists to test the closed forms on small N.
 """
@@ -21,7 +24,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from spattn.patterns.geometry import Dense, Dilated, Geometry, Global, Window, resolve
+from spattn.patterns.geometry import (
+    Dense,
+    Dilated,
+    Geometry,
+    Global,
+    RandomBlocks,
+    Strided,
+    Window,
+    resolve,
+)
 from spattn.patterns.spec import Pattern
 
 
@@ -93,9 +105,34 @@ def branch_pairs(geometry: Geometry, seq_len: int, heads: int, causal: bool) -> 
         else:
             per_head = 2 * t * n - t * t
         return heads * per_head
+    if isinstance(geometry, Strided):
+        # Each residue class of m rows is a clique: m^2 pairs (causal m(m+1)/2), every head.
+        return heads * sum(count * _pairs_in_block(m, causal)
+                           for _, count, m in geometry.classes(n))
+    if isinstance(geometry, RandomBlocks):
+        return _random_pairs(geometry, n, heads, causal)
     if isinstance(geometry, Dense):
         return dense_pairs(n, heads, causal)
     raise TypeError(f"unknown branch geometry {geometry!r}")
+
+
+def _block_rows(block: int, n: int) -> np.ndarray:
+    """Tokens in each block [i*block, (i+1)*block) of a sequence of n tokens."""
+    return np.minimum(n - np.arange(-(-n // block)) * block, block)
+
+
+def _random_pairs(geometry: RandomBlocks, n: int, heads: int, causal: bool) -> int:
+    """Sum over (head, query block i, drawn key block j) of the tile's pairs: rows_i * rows_j,
+    or rows_i (rows_i + 1) / 2 on the diagonal when causal (and none above it)."""
+    table = geometry.table()[:heads].numpy()  # (heads, query blocks, slots)
+    rows = _block_rows(geometry.block, n)
+    query_rows = rows[None, :table.shape[1], None]
+    tile = query_rows * rows[np.maximum(table, 0)]
+    if causal:
+        below = np.arange(table.shape[1])[None, :, None]
+        tile = np.where(table < below, tile,
+                        np.where(table == below, query_rows * (query_rows + 1) // 2, 0))
+    return int(np.where(table >= 0, tile, 0).sum())
 
 
 # --- the union -----------------------------------------------------------------------------------
@@ -123,6 +160,13 @@ def _progression(geometry: Geometry, head: int, n: int) -> Progression:
             return None, lo, hi, np.zeros_like(pos), 1
 
         return window
+    if isinstance(geometry, Strided):
+        stride = geometry.stride
+
+        def strided(pos: np.ndarray) -> KeySets:
+            return None, np.zeros_like(pos), np.full_like(pos, n), pos % stride, stride
+
+        return strided
 
     def dense(pos: np.ndarray) -> KeySets:
         return None, np.zeros_like(pos), np.full_like(pos, n), np.zeros_like(pos), 1
@@ -131,12 +175,17 @@ def _progression(geometry: Geometry, head: int, n: int) -> Progression:
 
 
 def _combine(c: np.ndarray, m: int, c2: np.ndarray, r: int, n: int
-             ) -> tuple[np.ndarray, int, np.ndarray]:
-    """k = c (mod m) and k = c2 (mod r) as k = c' (mod lcm), and where that is solvable.
+             ) -> tuple[np.ndarray, int, np.ndarray | None]:
+    """k = c (mod m) and k = c2 (mod r) as k = c' (mod lcm), and where that is solvable (None:
+    everywhere).
 
     Once the step reaches n, a progression holds at most one point below n (c itself), so the
     step stops growing there and numbers stay far from overflowing int64.
     """
+    if r == 1:
+        return c, m, None
+    if m == 1:
+        return c2, r, None
     if m >= n:
         return c, m, (c - c2) % r == 0
     g = math.gcd(m, r)
@@ -149,14 +198,17 @@ def _combine(c: np.ndarray, m: int, c2: np.ndarray, r: int, n: int
 
 def _progression_count(lo: np.ndarray, hi: np.ndarray, c: np.ndarray, m: int) -> np.ndarray:
     """#{k in [lo, hi): k = c (mod m)} for 0 <= lo, 0 <= c < m."""
+    if m == 1:
+        return np.maximum(hi - lo, 0)
+
     def below(x: np.ndarray) -> np.ndarray:  # #{k in [0, x): k = c (mod m)}
         return (x - c + m - 1) // m
 
     return np.maximum(below(hi) - below(lo), 0)
 
 
-def _union_sizes(progressions: Sequence[Progression], pos: np.ndarray, clip_lo: np.ndarray,
-                 clip_hi: np.ndarray, n: int) -> np.ndarray:
+def _union_sizes(progressions: Sequence[Progression], pos: np.ndarray,
+                 clip_lo: np.ndarray | int, clip_hi: np.ndarray | int, n: int) -> np.ndarray:
     """|union of the key sets the branches give each query in `pos`, within [clip_lo, clip_hi)|.
 
     Inclusion-exclusion over subsets of branches, depth first; a query leaves a subtree as soon
@@ -164,22 +216,26 @@ def _union_sizes(progressions: Sequence[Progression], pos: np.ndarray, clip_lo: 
     """
     out = np.zeros(len(pos), dtype=np.int64)
 
-    def visit(start: int, idx: np.ndarray, lo: np.ndarray, hi: np.ndarray, c: np.ndarray,
+    def visit(start: int, idx: np.ndarray | None, lo: np.ndarray, hi: np.ndarray, c: np.ndarray,
               m: int, sign: int) -> None:
+        at = pos if idx is None else pos[idx]  # idx None: every query
         for j in range(start, len(progressions)):
-            selected, lo_j, hi_j, c_j, r_j = progressions[j](pos[idx])
+            selected, lo_j, hi_j, c_j, r_j = progressions[j](at)
             lo2, hi2 = np.maximum(lo, lo_j), np.minimum(hi, hi_j)
-            c2, m2, keep = _combine(c, m, c_j, r_j, n)
-            if selected is not None:
-                keep &= selected
-            count = np.where(keep & (hi2 > lo2), _progression_count(lo2, hi2, c2, m2), 0)
-            keep = count > 0
-            if not keep.any():
+            c2, m2, ok = _combine(c, m, c_j, r_j, n)
+            count = _progression_count(lo2, hi2, c2, m2)
+            for mask in (ok, selected):
+                if mask is not None:
+                    count = np.where(mask, count, 0)
+            keep = np.flatnonzero(count)
+            if len(keep) == 0:
                 continue
-            out[idx[keep]] += sign * count[keep]
-            visit(j + 1, idx[keep], lo2[keep], hi2[keep], c2[keep], m2, -sign)
+            out[keep if idx is None else idx[keep]] += sign * count[keep]
+            visit(j + 1, keep if idx is None else idx[keep], lo2[keep], hi2[keep], c2[keep], m2,
+                  -sign)
 
-    visit(0, np.arange(len(pos)), clip_lo, clip_hi, np.zeros_like(pos), 1, 1)
+    lo, hi = (np.broadcast_to(x, pos.shape) for x in (clip_lo, clip_hi))
+    visit(0, None, lo, hi, np.zeros_like(pos), 1, 1)
     return out
 
 
@@ -199,6 +255,22 @@ def _split(x: np.ndarray, y: np.ndarray, c: np.ndarray, w: int
     return start, end, np.repeat(c, pieces)
 
 
+def _residue_classes(x: np.ndarray, y: np.ndarray, c: np.ndarray, step: int, stride: int,
+                     n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Split each cell's progression k = c (mod step) into its classes modulo lcm(step, stride),
+    keeping the classes with a point in the cell (so never more cells than points)."""
+    if step >= n:  # at most one point per cell: a stride keeps its one (diagonal) pair
+        return x, y, c, step
+    stride = min(stride, n)  # (p - k) mod L == 0 means p == k for every L >= n
+    classes = stride // math.gcd(step, stride)
+    kept = np.minimum(_progression_count(x, y, c, step), classes)
+    first = x + (c - x) % step  # the cell's first point
+    index = np.arange(kept.sum()) - np.repeat(np.cumsum(kept) - kept, kept)
+    lcm = step * classes
+    c2 = (np.repeat(first, kept) + step * index) % lcm
+    return np.repeat(x, kept), np.repeat(y, kept), c2, lcm
+
+
 def _cell_pairs(m: np.ndarray, step: int, window: int | None, causal: bool) -> int:
     """Pairs among m points spaced `step` apart, closer than `window` if there is one."""
     d = m - 1 if window is None else np.minimum(m - 1, -(-window // step) - 1)
@@ -207,12 +279,13 @@ def _cell_pairs(m: np.ndarray, step: int, window: int | None, causal: bool) -> i
 
 
 def _pair_union(geometries: Sequence[Geometry], head: int, n: int, causal: bool) -> int:
-    """|union of the pair sets of dilated and window branches| for one head.
+    """|union of the pair sets of dilated, window and strided branches| for one head.
 
     Inclusion-exclusion over subsets, depth first. The pairs common to a subset's dilated
     branches are those inside one cell of the common refinement of their segments, both on the
     progression the offsets select there (Chinese remainder theorem); its windows leave the
-    pairs closer than the smallest window. Cells whose progression is empty drop out.
+    pairs closer than the smallest window; its strides keep the pairs within one residue class
+    of each cell. Cells whose progression is empty drop out.
     """
     total = 0
 
@@ -224,11 +297,15 @@ def _pair_union(geometries: Sequence[Geometry], head: int, n: int, causal: bool)
             if isinstance(g, Window):
                 m = _progression_count(x, y, c, step)
                 new = (x, y, c, step, g.size if window is None else min(window, g.size))
+            elif isinstance(g, Strided):
+                new = (*_residue_classes(x, y, c, step, g.stride, n), window)
+                m = _progression_count(*new[:4])
             else:
                 w, r = g.segment, g.dilation
                 x2, y2, c2 = _split(x, y, c, w)
                 c2, step2, ok = _combine(c2, step, (x2 - x2 % w + g.offsets[head]) % r, r, n)
-                m = np.where(ok, _progression_count(x2, y2, c2, step2), 0)
+                m = _progression_count(x2, y2, c2, step2)
+                m = m if ok is None else np.where(ok, m, 0)
                 keep = m > 0
                 m, new = m[keep], (x2[keep], y2[keep], c2[keep], step2, window)
             if len(m) == 0:
@@ -245,21 +322,148 @@ def _union_one_head(geometries: Sequence[Geometry], head: int, n: int, causal: b
     if any(isinstance(g, Dense) for g in geometries):
         return dense_pairs(n, 1, causal)
     local = [g for g in geometries if not isinstance(g, Global)]
-    total = _pair_union(local, head, n, causal)
+    symmetric = [g for g in local if not isinstance(g, RandomBlocks)]  # (p, k) in it iff (k, p)
+    randoms = [g for g in local if isinstance(g, RandomBlocks)]
+    progressions = [_progression(g, head, n) for g in symmetric]
+    total = _pair_union(symmetric, head, n, causal)
+    if randoms:
+        total += _random_beyond(symmetric, progressions, randoms, head, n, causal)
     tokens = np.array(sorted({t for g in geometries if isinstance(g, Global)
                               for t in g.tokens if t < n}), dtype=np.int64)
     if len(tokens) == 0:
         return total
     # Global pairs G (a token's row or column) add |G| - |G & U|, U the other branches' pairs.
-    # |G & U| = the tokens' rows of U + their columns - U on token x token. Every relation in U
-    # is symmetric, so column g holds |U(g) within [g, n)| pairs (causal; else all of U(g)).
+    # |G & U| = the tokens' rows of U + their columns - U on token x token. The symmetric
+    # branches' column g is their row g (within [g, n) when causal); the random branches'
+    # column g is the query blocks that drew g's block.
     total += branch_pairs(Global(tuple(tokens.tolist())), n, 1, causal)
-    progressions = [_progression(g, head, n) for g in local]
     zero, end = np.zeros_like(tokens), np.full_like(tokens, n)
-    rows = _union_sizes(progressions, tokens, zero, tokens + 1 if causal else end, n)
-    columns = _union_sizes(progressions, tokens, tokens if causal else zero, end, n)
-    return total - int(rows.sum()) - int(columns.sum()) + _token_pairs_in_union(
-        local, head, tokens, causal)
+    row_hi, column_lo = (tokens + 1, tokens) if causal else (end, zero)
+    rows = int(_union_sizes(progressions, tokens, zero, row_hi, n).sum())
+    columns = int(_union_sizes(progressions, tokens, column_lo, end, n).sum())
+    if randoms:
+        rows += _runs_beyond(progressions, tokens, _key_runs(randoms, head, tokens, n), zero,
+                             row_hi, n)
+        columns += _runs_beyond(progressions, tokens, _query_runs(randoms, head, tokens, n),
+                                column_lo, end, n)
+    return total - rows - columns + _token_pairs_in_union(local, head, tokens, causal)
+
+
+def _random_beyond(symmetric: Sequence[Geometry], progressions: Sequence[Progression],
+                   randoms: Sequence[RandomBlocks], head: int, n: int, causal: bool) -> int:
+    """|random pairs of one head that the symmetric branches do not have|.
+
+    Rows in one block of every random branch see the same key runs: a tile (those rows x one
+    run) that no symmetric branch can reach counts whole; the rows of the others, one by one.
+    """
+    starts = np.unique(np.concatenate([np.arange(0, n, g.block) for g in randoms]))
+    ends = np.append(starts[1:], n)
+    owner, lo, hi = _key_runs(randoms, head, starts, n)
+    a, a2 = starts[owner], ends[owner]
+    near = _may_meet(symmetric, a, a2, lo, hi)
+    total = int(_tile_size(a[~near], a2[~near], lo[~near], hi[~near], causal).sum())
+    a, a2, lo, hi = a[near], a2[near], lo[near], hi[near]
+    rows = a2 - a
+    tile = np.repeat(np.arange(len(a)), rows)
+    pos = a[tile] + np.arange(len(tile)) - np.repeat(np.cumsum(rows) - rows, rows)
+    runs = (np.arange(len(pos)), lo[tile], hi[tile])
+    return total + _runs_beyond(progressions, pos, runs, 0, pos + 1 if causal else n, n)
+
+
+def _may_meet(geometries: Sequence[Geometry], a: np.ndarray, a2: np.ndarray, lo: np.ndarray,
+              hi: np.ndarray) -> np.ndarray:
+    """Whether a branch may give a query in [a, a2) a key in [lo, hi) (False: surely not)."""
+    near = np.zeros(len(a), dtype=bool)
+    for g in geometries:
+        if isinstance(g, Window):  # the tile's closest pair is nearer than the window
+            near |= np.maximum(lo - a2 + 1, a - hi + 1) < g.size
+        elif isinstance(g, Dilated):  # a query segment holds a key
+            w = g.segment
+            near |= (a // w <= (hi - 1) // w) & (lo // w <= (a2 - 1) // w)
+        else:  # a stride reaches every tile
+            return np.ones(len(a), dtype=bool)
+    return near
+
+
+def _tile_size(a: np.ndarray, a2: np.ndarray, lo: np.ndarray, hi: np.ndarray, causal: bool
+               ) -> np.ndarray:
+    """#{(p, k): a <= p < a2, lo <= k < hi, and k <= p when causal}."""
+    if not causal:
+        return (a2 - a) * (hi - lo)
+    width = hi - lo
+
+    def before(x: np.ndarray) -> np.ndarray:  # the rows p < x: p + 1 - lo keys each, in [0, width]
+        u = np.clip(x - lo, 0, width)
+        return u * (u + 1) // 2 + np.maximum(x - hi, 0) * width
+
+    return before(a2) - before(a)
+
+
+# Runs of positions, several per query: (owner, lo, hi), the run [lo, hi) of query pos[owner].
+Runs = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _runs_beyond(progressions: Sequence[Progression], pos: np.ndarray, runs: Runs,
+                 clip_lo: np.ndarray | int, clip_hi: np.ndarray | int, n: int) -> int:
+    """Sum over queries of |their runs within [clip_lo, clip_hi), less the progressions' keys|.
+
+    A query's runs must be disjoint; then this is |(S u runs) & clip| - |S & clip|, S the keys
+    the progressions give it.
+    """
+    owner, lo, hi = runs
+    lo = np.maximum(lo, np.broadcast_to(clip_lo, pos.shape)[owner])
+    hi = np.minimum(hi, np.broadcast_to(clip_hi, pos.shape)[owner])
+    keep = hi > lo
+    owner, lo, hi = owner[keep], lo[keep], hi[keep]
+    return int((hi - lo).sum() - _union_sizes(progressions, pos[owner], lo, hi, n).sum())
+
+
+def _key_runs(randoms: Sequence[RandomBlocks], head: int, pos: np.ndarray, n: int) -> Runs:
+    """The keys the random branches give each query in `pos`, as disjoint runs."""
+    parts = []
+    for g in randoms:
+        drawn = g.table()[head].numpy()[pos // g.block]  # (queries, slots), sorted, -1 last
+        owner, slot = np.nonzero(drawn >= 0)
+        lo = drawn[owner, slot] * g.block
+        parts.append((owner, lo, np.minimum(lo + g.block, n)))
+    return _disjoint(parts, n)
+
+
+def _query_runs(randoms: Sequence[RandomBlocks], head: int, keys: np.ndarray, n: int) -> Runs:
+    """The queries the random branches give each key in `keys` to, as disjoint runs: the query
+    blocks whose draw holds the key's block."""
+    parts = []
+    for g in randoms:
+        table = g.table()[head].numpy()
+        query_block, slot = np.nonzero(table >= 0)
+        key_block = table[query_block, slot]
+        order = np.argsort(key_block, kind="stable")  # by key block, then query block
+        key_block, query_block = key_block[order], query_block[order]
+        first = np.searchsorted(key_block, keys // g.block, "left")
+        count = np.searchsorted(key_block, keys // g.block, "right") - first
+        owner = np.repeat(np.arange(len(keys)), count)
+        entry = np.arange(count.sum()) + np.repeat(first - (np.cumsum(count) - count), count)
+        lo = query_block[entry] * g.block
+        parts.append((owner, lo, np.minimum(lo + g.block, n)))
+    return _disjoint(parts, n)
+
+
+def _disjoint(parts: Sequence[Runs], n: int) -> Runs:
+    """The runs of all parts, each owner's made disjoint (overlapping runs merged).
+
+    Within one part every owner's runs are already disjoint and increasing.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    owner, lo, hi = (np.concatenate(column) for column in zip(*parts, strict=True))
+    if len(owner) == 0:
+        return owner, lo, hi
+    order = np.lexsort((lo, owner))
+    owner, lo, hi = owner[order], lo[order], hi[order]
+    # A run starts a new piece unless an earlier run of its owner reaches past its start.
+    reach = np.maximum.accumulate(owner * (n + 1) + hi)  # owners are kept apart by n + 1
+    starts = np.flatnonzero(np.concatenate([[True], reach[:-1] <= owner[1:] * (n + 1) + lo[1:]]))
+    return owner[starts], lo[starts], np.maximum.reduceat(hi, starts)
 
 
 def _token_pairs_in_union(geometries: Sequence[Geometry], head: int, tokens: np.ndarray,
@@ -283,10 +487,13 @@ def union_pairs(geometries: Sequence[Geometry], seq_len: int, heads: int, causal
     """Size of the de-duplicated union of the branches' (head, query, key) triples."""
     if seq_len <= 0:
         return 0
-    # Heads with the same dilated offsets see the same keys: count each kind of head once.
+    # Heads with the same dilated offsets see the same keys, unless random blocks are drawn per
+    # head: count each kind of head once.
+    per_head = any(isinstance(g, RandomBlocks) for g in geometries)
     heads_of: dict[tuple[int, ...], list[int]] = {}
     for h in range(heads):
         kind = tuple(g.offsets[h] for g in geometries if isinstance(g, Dilated))
+        kind += (h,) if per_head else ()
         heads_of.setdefault(kind, []).append(h)
     return sum(len(same) * _union_one_head(geometries, same[0], seq_len, causal)
                for same in heads_of.values())

@@ -7,9 +7,11 @@ LongNet's claim is that this grows like log N.
 
 It is exact and fast: a breadth-first search from all N sources at once, with the sources packed
 64 to a machine word, and one step of every branch applied to whole columns at a time using the
-branch's structure (a dilated segment's rows form a clique, a causal one a "suffix" of it; a
-window is a range; global tokens link to everything). One step costs O(N^2 / 64) word
-operations per branch, so N = 4096 takes well under a second for LongNet-like patterns.
+branch's structure (a dilated segment's rows form a clique, a causal one a "suffix" of it; so
+does each residue class of a stride, over the whole sequence; a window is a range; global tokens
+link to everything; a random key block is reached from every query block that drew it). One
+step costs O(N^2 / 64) word operations per branch, so N = 4096 takes well under a second for
+LongNet-like patterns.
 `token_graph` builds the same graph explicitly in networkx, for small N and for checking.
 """
 
@@ -22,7 +24,16 @@ import networkx as nx
 import numpy as np
 
 from spattn.patterns.counting import branch_mask
-from spattn.patterns.geometry import Dense, Dilated, Geometry, Global, Window, resolve
+from spattn.patterns.geometry import (
+    Dense,
+    Dilated,
+    Geometry,
+    Global,
+    RandomBlocks,
+    Strided,
+    Window,
+    resolve,
+)
 from spattn.patterns.spec import Pattern
 
 MAX_HOPS_SEQ_LEN = 8192  # beyond this the N x N reachability bits get slow (N^2 / 8 bytes)
@@ -123,6 +134,56 @@ def _global_step(tokens: Sequence[int], n: int, causal: bool) -> Step:
     return step
 
 
+def _strided_step(stride: int, n: int, causal: bool) -> Step:
+    """Each residue class modulo the stride is a clique (causal: a suffix, like a segment)."""
+    stride = min(stride, n)  # a stride of n or more links every token only to itself
+    rows = -(-n // stride)
+
+    def step(bits: np.ndarray) -> np.ndarray:
+        grid = np.zeros((len(bits), rows * stride), dtype=bits.dtype)  # zeros past n
+        grid[:, :n] = bits
+        grid = grid.reshape(len(bits), rows, stride)  # [word, row, residue]: position row*L + res
+        if causal:
+            reached = _suffix_or(grid, axis=1)
+        else:
+            reached = np.broadcast_to(np.bitwise_or.reduce(grid, axis=1, keepdims=True),
+                                      grid.shape)
+        return reached.reshape(len(bits), -1)[:, :n]
+
+    return step
+
+
+def _random_step(g: RandomBlocks, n: int, heads: int, causal: bool) -> Step:
+    """Key block j is reached from every query block that drew it, in any head; causal, a
+    query block that drew itself reaches each of its keys from the queries at or after it."""
+    b = g.block
+    blocks = -(-n // b)
+    table = g.table()[:heads].numpy()
+    head, query, slot = np.nonzero(table >= 0)
+    key = table[head, query, slot]
+    diagonal = np.zeros(blocks, dtype=bool)
+    if causal:
+        diagonal[query[key == query]] = True
+        query, key = query[key < query], key[key < query]
+    linked = np.unique(key * blocks + query)  # (key block, query block), heads merged, sorted
+    key, query = linked // blocks, linked % blocks
+    drawn, first = np.unique(key, return_index=True)  # each drawn key block, its first entry
+
+    def step(bits: np.ndarray) -> np.ndarray:
+        grid = np.zeros((len(bits), blocks * b), dtype=bits.dtype)  # zeros past n
+        grid[:, :n] = bits
+        grid = grid.reshape(len(bits), blocks, b)  # [word, block, row in block]
+        out = np.zeros_like(grid)
+        if len(drawn):
+            per_block = np.bitwise_or.reduce(grid, axis=2)  # [word, query block]
+            reached = np.bitwise_or.reduceat(per_block[:, query], first, axis=1)
+            out[:, drawn] = reached[:, :, None]
+        out[:, diagonal] |= _suffix_or(grid[:, diagonal], axis=2)
+        return out.reshape(len(bits), -1)[:, :n]
+
+    return step
+
+
 def _branch_step(g: Geometry, n: int, heads: int, causal: bool) -> Step:
     """One hop through one branch: a key is reached when a query reached so far attends it."""
     if isinstance(g, Dilated):
@@ -131,6 +192,10 @@ def _branch_step(g: Geometry, n: int, heads: int, causal: bool) -> Step:
         return lambda bits: _range_or(bits, 0 if causal else g.size - 1, g.size - 1)
     if isinstance(g, Global):
         return _global_step(g.tokens, n, causal)
+    if isinstance(g, Strided):
+        return _strided_step(g.stride, n, causal)
+    if isinstance(g, RandomBlocks):
+        return _random_step(g, n, heads, causal)
     if isinstance(g, Dense):
         if causal:
             return lambda bits: _suffix_or(bits, axis=1)

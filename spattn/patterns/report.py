@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from spattn.errors import SpattnError
 from spattn.patterns.counting import count_pairs, dense_pairs, useful_flops
 from spattn.patterns.geometry import describe, resolve
 from spattn.patterns.hops import MAX_HOPS_SEQ_LEN, Hops, hop_distance, hop_table
-from spattn.patterns.spec import DenseBranch, DilatedBranch, GlobalBranch, Pattern, WindowBranch
+from spattn.patterns.spec import (
+    DilatedBranch,
+    Pattern,
+    RandomBranch,
+    StridedBranch,
+    WindowBranch,
+)
 
 DEFAULT_HEADS = 8
 DEFAULT_HEAD_DIM = 64
@@ -99,22 +106,36 @@ def choose_heads(pattern: Pattern, heads: int | None) -> int:
 
 
 def scale_pattern(pattern: Pattern, scale: int) -> Pattern:
-    """The pattern with every segment length and window size divided by `scale` (rounded down,
-    at least 1) and dilations kept: a small-N model of a pattern whose segments are long."""
+    """A small-N model of a pattern whose sizes are long: every length divided by `scale`
+    (rounded down, at least 1), every count kept.
+
+    Lengths are segments, window sizes, strides and random block sizes; dilations, global
+    tokens, the number of random blocks per query block and the seed are kept. So a random
+    branch keeps drawing `blocks` key blocks, now out of N / (block / scale) blocks: the draw
+    differs from the full-size pattern's, and its density at N is the full-size one at scale*N.
+    """
     if scale < 1:
         raise SpattnError(f"--scale: expected an integer >= 1, got {scale}")
     if scale == 1:
         return pattern
-    branches = []
-    for branch in pattern.expanded_branches():
-        if isinstance(branch, DilatedBranch):
-            branch = branch.model_copy(update={"segment": max(1, branch.segment // scale)})
-        elif isinstance(branch, WindowBranch):
-            size = max(1, branch.window.size // scale)
-            branch = branch.model_copy(update={"window": branch.window.model_copy(
-                update={"size": size})})
-        branches.append(branch)
+    branches = [_scale_branch(branch, scale) for branch in pattern.expanded_branches()]
     return pattern.model_copy(update={"branches": branches, "schedule": None})
+
+
+def _scale_branch(branch: Any, scale: int) -> Any:
+    """The branch with its length (segment, window size, stride, block) divided by `scale`."""
+    def shrink(spec: Any, field: str) -> Any:
+        return spec.model_copy(update={field: max(1, getattr(spec, field) // scale)})
+
+    if isinstance(branch, DilatedBranch):
+        return shrink(branch, "segment")
+    if isinstance(branch, WindowBranch):
+        return branch.model_copy(update={"window": shrink(branch.window, "size")})
+    if isinstance(branch, StridedBranch):
+        return branch.model_copy(update={"strided": shrink(branch.strided, "stride")})
+    if isinstance(branch, RandomBranch):
+        return branch.model_copy(update={"random": shrink(branch.random, "block")})
+    return branch  # global tokens and dense: nothing to scale
 
 
 def _row(label: str, pairs: int, dense: int, head_dim: int, batch: int) -> Row:
@@ -163,9 +184,10 @@ def inspect_pattern(pattern: Pattern, seq_len: int, heads: int | None = None,
     dense = dense_pairs(seq_len, heads, pattern.causal)
     labels = [describe(g) for g in resolve(pattern, seq_len, heads)]
     for i, branch in enumerate(pattern.expanded_branches()):
-        if isinstance(branch, (GlobalBranch, DenseBranch)):
-            continue
-        labels[i] += "" if isinstance(branch, WindowBranch) else f" ({_offsets(branch, pattern)})"
+        if isinstance(branch, DilatedBranch):
+            labels[i] += f" ({_offsets(branch, pattern)})"
+        elif isinstance(branch, RandomBranch):
+            labels[i] += f" (seed {branch.random.seed})"
     rows = tuple(_row(label, pairs, dense, head_dim, batch)
                  for label, pairs in zip(labels, counts.branches, strict=True))
     total = _row(f"total ({pattern.overlap})", counts.total, dense, head_dim, batch)
@@ -267,7 +289,8 @@ def _hops_sentence(report: InspectReport) -> str:
 
 def format_report(report: InspectReport) -> str:
     """The report as aligned text, as `spattn inspect` prints it."""
-    scaled = f", segments and windows scaled by 1/{report.scale}" if report.scale > 1 else ""
+    scaled = f", lengths (segments, windows, strides, blocks) scaled by 1/{report.scale}" \
+        if report.scale > 1 else ""
     lines = [
         f"{report.pattern}: {'causal' if report.causal else 'bidirectional'}, "
         f"overlap {report.overlap}{scaled}",
