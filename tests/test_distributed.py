@@ -239,6 +239,12 @@ def test_plan_errors_without_a_process_group():
                             [{"segment": 48, "dilation": 1}]), 64, 4, heads=4)
     with pytest.raises(PlanError, match="overlap: union is not supported"):
         build_plan(_pattern("u", False, LM, overlap="union"), 64, 2, heads=4)
+    for i, (kind, branch) in enumerate((("strided", {"stride": 4}),
+                                        ("random", {"block": 8, "blocks": 2, "seed": 0}))):
+        with pytest.raises(PlanError, match=rf"branch {i + 1} \({kind}\): {kind} branches are "
+                                            "not supported distributed yet"):
+            build_plan(_pattern(kind, True, [{"segment": 8, "dilation": 1}] * (i + 1) +
+                                [{kind: branch}]), 64, 2, heads=4)
     with pytest.raises(InputError, match="not initialized"):
         distributed_attention(*_inputs((1, 4, 4, 64, 8))[:3], pattern)
 

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import reference_attention
 from test_counting import patterns
+from test_plan import with_new_kinds
 
 from spattn.compiler.layouts import (
     block_sparse_counts,
@@ -62,13 +63,58 @@ def union_mask(pattern: Pattern, n: int, heads: int) -> torch.Tensor:
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(patterns(max_size=40), st.integers(1, 9))
 def test_layouts_match_brute_force(case: tuple[Pattern, int, int], block: int) -> None:
-    pattern, n, heads = case
+    check_layouts(*case, block)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(with_new_kinds(max_size=40), st.integers(1, 9))
+def test_layouts_with_strided_and_random_match_brute_force(case: tuple[Pattern, int, int],
+                                                           block: int) -> None:
+    check_layouts(*case, block)
+
+
+def check_layouts(pattern: Pattern, n: int, heads: int, block: int) -> None:
     layout, per_branch = brute_layout(pattern, n, heads, block)
     assert torch.equal(dense_layout(pattern, n, heads, block), layout)
     counts = block_sparse_counts(pattern, n, heads, block)
     assert counts.total == int(layout.sum()) and list(counts.branches) == per_branch
     assert block_sparse_tiles(pattern, n, heads, block) == counts.total
     assert block_sparse_tiles(pattern, n, heads, block, branch=0) == per_branch[0]
+
+
+STRIDED_AND_RANDOM = [  # (branch, N): the edges of both kinds
+    ("strided: {stride: 1}", 45),
+    ("strided: {stride: 2}", 45),
+    ("strided: {stride: 7}", 45),
+    ("strided: {stride: 30}", 45),  # longer than some row tiles, shorter than N
+    ("strided: {stride: 60}", 45),  # past N: only the diagonal
+    ("random: {block: 5, blocks: 2, seed: 4}", 47),  # N not a multiple of the block
+    ("random: {block: 13, blocks: 2, seed: 1}", 45),
+    ("random: {block: 6, blocks: 9, seed: 0}", 45),  # blocks >= the number of blocks
+    ("random: {block: 64, blocks: 2, seed: 2}", 45),  # block past N
+]
+
+
+def _mixed(branch: str, causal: bool) -> Pattern:
+    return load_pattern_text(f"name: t\ncausal: {str(causal).lower()}\noverlap: union\n"
+                             f"branches:\n  - {branch}\n  - window: {{size: 3}}\n")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("branch, n", STRIDED_AND_RANDOM)
+def test_strided_and_random_layouts_at_the_edges(branch: str, n: int, causal: bool) -> None:
+    pattern = _mixed(branch, causal)
+    for block in (1, 4, 8, 16):
+        layout, per_branch = brute_layout(pattern, n, 3, block)
+        assert torch.equal(dense_layout(pattern, n, 3, block), layout)
+        counts = block_sparse_counts(pattern, n, 3, block)
+        assert list(counts.branches) == per_branch and counts.total == int(layout.sum())
+    mask_mod = flex_mask_mod(pattern, n, 3)
+    pos = torch.arange(n)
+    union = union_mask(pattern, n, 3)
+    for h in range(3):
+        got = mask_mod(torch.tensor(0), torch.tensor(h), pos[:, None], pos[None, :])
+        assert torch.equal(got, union[h])
 
 
 @pytest.mark.parametrize("block", [1, 4, 8, 11, 12, 13, 16])
@@ -92,6 +138,18 @@ def test_block_sparse_longnet_million_tokens() -> None:
     # the w = 32768 segments hold every other branch's: 32 segments of 256 x 257 / 2 tiles.
     assert counts.total == 16 * 32 * (256 * 257 // 2)
     assert counts.branches[0] == 16 * 512 * (16 * 17 // 2)
+
+
+def test_block_sparse_strided_and_random_million_tokens() -> None:
+    n = 1 << 20
+    started = time.perf_counter()
+    strided = block_sparse_counts(load_pattern("sparse-transformer-strided"), n, 16)
+    bigbird = block_sparse_counts(load_pattern("bigbird"), n, 16)
+    assert time.perf_counter() - started < 2.0
+    # A 128-row tile holds every residue of the stride 128: the whole causal triangle.
+    assert strided.total == strided.branches[1] == 16 * (8192 * 8193 // 2)
+    # Two 64-token query blocks share a row tile: at most 2 x 3 key tiles per row tile.
+    assert 16 * 8192 * 3 < bigbird.branches[2] <= 16 * 8192 * 6
 
 
 def test_dense_layout_refuses_large_n() -> None:
@@ -125,7 +183,17 @@ def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: object) 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(patterns(max_size=40), st.sampled_from([1, 4, 8, 16]))
 def test_flex_mask_matches_brute_force(case: tuple[Pattern, int, int], block: int) -> None:
-    pattern, n, heads = case
+    check_flex_mask(*case, block)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(with_new_kinds(max_size=40), st.sampled_from([1, 4, 8, 16]))
+def test_flex_mask_with_strided_and_random(case: tuple[Pattern, int, int], block: int) -> None:
+    check_flex_mask(*case, block)
+
+
+def check_flex_mask(pattern: Pattern, n: int, heads: int, block: int) -> None:
+    """mask_mod is the union mask, and the BlockMask (built through vmap) is its layout."""
     mask_mod, block_mask = to_flex(pattern, n, heads, block_size=block)
     pos = torch.arange(n)
     union = union_mask(pattern, n, heads)
@@ -166,6 +234,25 @@ def _scaled(name: str) -> Pattern:
     return scale_pattern(load_pattern(name), 128).model_copy(update={"overlap": "union"})
 
 
+BIGBIRD_SMALL = """\
+name: bigbird-small
+causal: {causal}
+overlap: union
+branches:
+  - global: {{tokens: [0, 1, 2]}}
+  - window: {{size: 6}}
+  - random: {{block: 8, blocks: 2, seed: 5}}
+"""
+STRIDED_SMALL = """\
+name: strided-small
+causal: {causal}
+overlap: union
+branches:
+  - window: {{size: 8}}
+  - strided: {{stride: 8}}
+"""
+
+
 @pytest.mark.parametrize("make, n", [
     (lambda: load_pattern_text(MIXED.format(causal="true", overlap="union")), 45),
     (lambda: load_pattern_text(MIXED.format(causal="false", overlap="union")), 45),
@@ -174,8 +261,11 @@ def _scaled(name: str) -> Pattern:
     (lambda: load_pattern_text(HOLES.format(causal="true")), 40),
     (lambda: _scaled("longnet-lm"), 100),
     (lambda: _scaled("sink-window"), 70),
+    (lambda: load_pattern_text(BIGBIRD_SMALL.format(causal="false")), 70),
+    (lambda: load_pattern_text(BIGBIRD_SMALL.format(causal="true")), 70),
+    (lambda: load_pattern_text(STRIDED_SMALL.format(causal="true")), 70),
 ], ids=["mixed-causal", "mixed", "disjoint-causal", "disjoint", "holes", "longnet-lm",
-        "sink-window"])
+        "sink-window", "bigbird", "bigbird-causal", "strided-causal"])
 def test_flex_matches_reference(make: object, n: int) -> None:
     """flex_attention with the exported block mask computes the pattern (union semantics),
     queries that no branch selects included (zero output)."""
@@ -204,3 +294,16 @@ def test_mask_mod_is_elementwise() -> None:
     held = [t for mod in cells if isinstance(mod, list) for f in mod
             for t in (c.cell_contents for c in f.__closure__ or ()) if isinstance(t, torch.Tensor)]
     assert held and max(t.numel() for t in held) <= n
+
+
+def test_random_mask_mod_holds_the_draw() -> None:
+    """The random branch's mask_mod holds its (heads, query blocks, slots) table, no mask."""
+    pattern = load_pattern_text("name: r\nbranches:\n  - random: {block: 4, blocks: 3, seed: 7}\n")
+    mask_mod = flex_mask_mod(pattern, 37, 2)
+    mods = next(c.cell_contents for c in mask_mod.__closure__ or ()
+                if isinstance(c.cell_contents, list))
+    (table,) = [c.cell_contents for c in mods[0].__closure__ or ()
+                if isinstance(c.cell_contents, torch.Tensor)]
+    assert table.shape == (2, 10, 3) and torch.equal(table, resolve(pattern, 37, 2)[0].table())
+    q, k = torch.tensor(9), torch.tensor(4 * int(table[1, 2, 0]) + 1)  # query block 2, head 1
+    assert bool(mask_mod(torch.tensor(0), torch.tensor(1), q, k))

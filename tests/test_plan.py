@@ -12,15 +12,45 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_counting import patterns
 
-from spattn.compiler.plan import DilatedPlan, GlobalPlan, Plan, build_plan
-from spattn.compiler.tiles import Band, TokenTiles
+from spattn.compiler.plan import (
+    DilatedPlan,
+    GlobalPlan,
+    Plan,
+    RandomPlan,
+    StridedPlan,
+    build_plan,
+)
+from spattn.compiler.tiles import Band, BlockPairs, TokenTiles
 from spattn.errors import SpattnError
-from spattn.patterns.counting import branch_mask, count_pairs, useful_flops
+from spattn.patterns.counting import branch_mask, branch_pairs, count_pairs, useful_flops
 from spattn.patterns.geometry import resolve
 from spattn.patterns.loader import load_pattern, load_pattern_text
 from spattn.patterns.spec import Pattern
 
 BLOCKS = st.sampled_from([1, 2, 3, 4, 5, 8, 16])
+
+
+def new_branch(max_size: int) -> st.SearchStrategy[dict]:
+    """A strided or random branch; strides and blocks run past N, and blocks past their count."""
+    size = st.integers(1, max_size + 6)
+    return st.one_of(
+        st.builds(lambda stride: {"strided": {"stride": stride}}, size),
+        st.builds(lambda b, c, s: {"random": {"block": b, "blocks": c, "seed": s}},
+                  size, st.integers(1, 6), st.integers(0, 3) | st.integers(0, 2**63)))
+
+
+@st.composite
+def with_new_kinds(draw: st.DrawFn, max_size: int = 24) -> tuple[Pattern, int, int]:
+    """A pattern of `patterns`, with one or two strided or random branches put among (or in
+    place of) its branches."""
+    pattern, n, heads = draw(patterns(max_size=max_size))
+    data = pattern.model_dump(by_alias=True, exclude_none=True)
+    data.pop("schedule", None)
+    branches = [] if draw(st.booleans()) else [
+        b.model_dump(by_alias=True, exclude_none=True) for b in pattern.expanded_branches()]
+    for extra in draw(st.lists(new_branch(max_size), min_size=1, max_size=2)):
+        branches.insert(draw(st.integers(0, len(branches))), extra)
+    return Pattern.model_validate({**data, "branches": branches}), n, heads
 
 
 def brute_tiles(mask: torch.Tensor, block_m: int, block_n: int) -> set[tuple[int, int, bool]]:
@@ -48,24 +78,60 @@ def listed(tiles: Band | TokenTiles) -> set[tuple[int, int, bool]]:
 def check_against_masks(pattern: Pattern, n: int, heads: int, plan: Plan) -> None:
     """Every branch's listed tiles are exactly those of its mask, each pair in one tile."""
     for g, branch in zip(resolve(pattern, n, heads), plan.branches, strict=True):
+        pairs = 0
         for head in range(heads):
             mask = branch_mask(g, head, n, pattern.causal)
-            if not isinstance(branch, DilatedPlan):
+            pairs += int(mask.sum())
+            if isinstance(branch, DilatedPlan | StridedPlan):
+                check_rows(branch, head, n, mask, plan.block_m, plan.block_n)
+            elif isinstance(branch, RandomPlan):
+                check_block_pairs(branch.tiles, head, mask)
+            else:
                 assert listed(branch.tiles) == brute_tiles(mask, plan.block_m, plan.block_n)
-                continue
-            (group,) = [grp for grp in branch.groups if head in grp.heads]
-            s, r = group.offset, branch.dilation
-            covered = torch.zeros_like(mask)
-            for run in group.runs:
-                tiles = listed(run.tiles)
-                for c in range(run.count):
-                    a = run.start + c * run.length
-                    pos = torch.arange(a + s, a + run.length, r)  # the dilated rows
-                    assert len(pos) == run.rows
-                    sub = mask[pos][:, pos]
-                    assert tiles == brute_tiles(sub, plan.block_m, plan.block_n)
-                    covered[pos[:, None], pos[None, :]] |= sub
-            assert torch.equal(covered, mask)  # no allowed pair outside the segments' problems
+        assert branch.pairs == pairs
+
+
+def check_rows(branch: DilatedPlan | StridedPlan, head: int, n: int, mask: torch.Tensor,
+               block_m: int, block_n: int) -> None:
+    """The dilated (or residue-class) problems of one head against its mask."""
+    (group,) = [grp for grp in branch.groups if head in grp.heads]
+    s, r = group.offset, branch.dilation
+    covered = torch.zeros_like(mask)
+    for run in group.runs:
+        tiles = listed(run.tiles)
+        for c in range(run.count):
+            a = run.start + c * run.length
+            end = n if isinstance(branch, StridedPlan) else a + run.length
+            pos = torch.arange(a + s, end, r)  # the dilated rows, or the residue class
+            assert len(pos) == run.rows
+            sub = mask[pos][:, pos]
+            assert tiles == brute_tiles(sub, block_m, block_n)
+            covered[pos[:, None], pos[None, :]] |= sub
+    assert torch.equal(covered, mask)  # no allowed pair outside the problems
+
+
+def check_block_pairs(tiles: BlockPairs, head: int, mask: torch.Tensor) -> None:
+    """Each drawn block pair's tiles against the mask inside the sequence: the rows and columns
+    its tile grid spans (past the blocks, up to N), with the pairs of other blocks masked out."""
+    n, b, bm, bn = tiles.extent, tiles.block, tiles.block_m, tiles.block_n
+    got = tiles.tiles()
+    assert len(got.rows) == tiles.count() == tiles.count("full") + tiles.count("partial")
+    assert int(got.full.sum()) == tiles.count("full")
+    mine = got.heads == head
+    found = set(zip(got.qblocks[mine].tolist(), got.kblocks[mine].tolist(),
+                    got.rows[mine].tolist(), got.cols[mine].tolist(), got.full[mine].tolist(),
+                    strict=True))
+    assert len(found) == int(mine.sum())
+    expected, covered = set(), torch.zeros_like(mask)
+    for i, j in ((i, j) for i, row in enumerate(tiles.table[head].tolist()) for j in row if j >= 0):
+        rows = torch.arange(i * b, min(i * b + -(-min(b, n - i * b) // bm) * bm, n))
+        cols = torch.arange(j * b, min(j * b + -(-min(b, n - j * b) // bn) * bn, n))
+        inside = (rows // b == i)[:, None] & (cols // b == j)[None, :]
+        sub = mask[rows][:, cols] & inside
+        expected |= {(i, j, u, v, full) for u, v, full in brute_tiles(sub, bm, bn)}
+        covered[rows[:, None], cols[None, :]] |= sub
+    assert found == expected
+    assert torch.equal(covered, mask)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -79,6 +145,21 @@ def test_plan_matches_brute_force(case: tuple[Pattern, int, int], block_m: int,
 @given(patterns(max_size=150), st.sampled_from([4, 8, 16, 32]), st.sampled_from([4, 8, 16, 32]))
 def test_plan_matches_brute_force_longer(case: tuple[Pattern, int, int], block_m: int,
                                          block_n: int) -> None:
+    check_plan(*case, block_m, block_n)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(with_new_kinds(max_size=40), BLOCKS, BLOCKS)
+def test_plan_with_strided_and_random_matches_brute_force(case: tuple[Pattern, int, int],
+                                                          block_m: int, block_n: int) -> None:
+    check_plan(*case, block_m, block_n)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(with_new_kinds(max_size=130), st.sampled_from([4, 8, 16, 32]),
+       st.sampled_from([4, 8, 16, 32]))
+def test_plan_with_strided_and_random_longer(case: tuple[Pattern, int, int], block_m: int,
+                                             block_n: int) -> None:
     check_plan(*case, block_m, block_n)
 
 
@@ -125,6 +206,63 @@ def test_global_and_window_tiles() -> None:
     assert window.tile_count() == 4 + 3 and window.tile_count("partial") == 4 + 3
 
 
+def test_strided_classes_by_hand() -> None:
+    # L = 3, N = 10: class 0 holds tokens 0, 3, 6, 9; classes 1 and 2 hold three tokens each.
+    pattern = load_pattern_text("name: s\ncausal: true\nbranches:\n  - strided: {stride: 3}\n")
+    (branch,) = build_plan(pattern, 10, 2, block_m=2, block_n=2).branches
+    assert isinstance(branch, StridedPlan) and branch.dilation == 3
+    (group,) = branch.groups
+    assert group.offset == 0 and group.heads == (0, 1)
+    assert [(r.start, r.length, r.count, r.rows) for r in group.runs] == [(0, 1, 1, 4),
+                                                                          (1, 1, 2, 3)]
+    # Causal 2x2 tiles: (0,0) (1,0) (1,1) in each class; the diagonal ones are partial, except
+    # the 1x1 corner of a 3-row class, whose one pair is allowed.
+    assert branch.tile_count() == 2 * 3 * 3
+    assert branch.tile_count("partial") == 2 * (2 + 2 * 1)
+    assert branch.pairs == 2 * (10 + 2 * 6)
+
+
+def _one_branch(branch: str, causal: bool, n: int, heads: int = 3) -> Plan:
+    text = f"name: b\ncausal: {str(causal).lower()}\nbranches:\n  - {branch}\n"
+    return build_plan(load_pattern_text(text), n, heads, block_m=4, block_n=8)
+
+
+def _same_tiles(plan: Plan, other: Plan) -> bool:
+    return all(plan.tile_count(kind) == other.tile_count(kind) for kind in (None, "full",
+                                                                             "partial"))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_stride_one_is_dense_and_stride_past_n_is_the_diagonal(causal: bool) -> None:
+    one = _one_branch("strided: {stride: 1}", causal, 37)
+    dense = _one_branch("dense: {}", causal, 37)
+    assert _same_tiles(one, dense) and one.pairs == dense.pairs
+    wide = _one_branch("strided: {stride: 50}", causal, 37).branches[0]
+    assert [(r.start, r.count, r.rows) for r in wide.groups[0].runs] == [(0, 37, 1)]
+    assert wide.tile_count() == wide.tile_count("full") == wide.pairs == 3 * 37
+
+
+def test_random_tiles_cut_by_a_block_edge_are_partial() -> None:
+    # N = 7 in blocks of 3 (3, 3 and 1 tokens), every block drawn: 9 problems per head. In 2x2
+    # tiles a 3-token block's second row (or column) tile runs into the next block: partial.
+    pattern = load_pattern_text("name: r\nbranches:\n  - random: {block: 3, blocks: 5, seed: 1}\n")
+    (branch,) = build_plan(pattern, 7, 2, block_m=2, block_n=2).branches
+    assert isinstance(branch, RandomPlan) and branch.tiles.table.shape == (2, 3, 5)
+    assert branch.pairs == 2 * 7 * 7
+    assert branch.tile_count() == 2 * 5 * 5 and branch.tile_count("full") == 2 * 3 * 3
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("branch", ["random: {block: 8, blocks: 7, seed: 3}",
+                                    "random: {block: 64, blocks: 1, seed: 0}"],
+                         ids=["blocks-past-their-count", "block-past-n"])
+def test_random_drawing_every_block_tiles_like_dense(branch: str, causal: bool) -> None:
+    # Every candidate is drawn, so this is dense (causal: its lower triangle); blocks of 8 line
+    # up with 4x8 tiles, and a block past N is one block ending at N, so the tiles are dense's.
+    random, dense = _one_branch(branch, causal, 50), _one_branch("dense: {}", causal, 50)
+    assert _same_tiles(random, dense) and random.pairs == dense.pairs
+
+
 def test_n_equals_one() -> None:
     plan = build_plan(load_pattern("longnet-lm"), 1, 4, head_dim=16)
     # Token 0 is kept by the heads whose offset is 0: r = 1, 2, 4, 6, 12 -> 4 + 2 + 1 + 1 + 1.
@@ -157,6 +295,41 @@ def test_longnet_million_tokens_is_small_and_fast() -> None:
     # Every branch costs about the same: the last one, w=32768 r=12, keeps 2731 or 2730 rows.
     assert tiles == sum(b.tile_count() for b in plan.branches)
     assert json.loads(text)["tiles"]["total"] == tiles
+
+
+@pytest.mark.parametrize("name", ["bigbird", "sparse-transformer-strided"])
+def test_strided_and_random_million_tokens_are_fast(name: str) -> None:
+    pattern, n = load_pattern(name), 1 << 20
+    started = time.perf_counter()
+    plan = build_plan(pattern, n, 16, head_dim=64)
+    tiles = [plan.tile_count(kind) for kind in (None, "full", "partial")]
+    per_branch = [b.pairs for b in plan.branches]
+    assert time.perf_counter() - started < 1.5
+    assert tiles[0] == tiles[1] + tiles[2]
+    assert per_branch == [branch_pairs(g, n, 16, pattern.causal) for g in resolve(pattern, n, 16)]
+    last = plan.branches[-1]
+    if isinstance(last, StridedPlan):  # 128 classes of 8192 rows: 128 x 129 / 2 tiles each
+        assert last.tile_count() == 16 * 128 * (128 * 129 // 2)
+    else:  # every drawn 64 x 64 block pair is one full 64 x 64 tile
+        assert last.tile_count() == last.tile_count("full") == 16 * (n // 64) * 3
+
+
+def test_to_json_strided_and_random() -> None:
+    plan = build_plan(load_pattern("sparse-transformer-strided"), 300, 2)
+    strided = json.loads(plan.to_json())["branches"][1]
+    # 300 = 2 * 128 + 44: residues 0..43 hold 3 tokens, residues 44..127 hold 2.
+    assert strided["kind"] == "strided" and strided["stride"] == 128
+    assert strided["classes"] == [{"first": 0, "count": 44, "rows": 3, "tiles_per_class": 1},
+                                  {"first": 44, "count": 84, "rows": 2, "tiles_per_class": 1}]
+    assert strided["tiles"] == {"full": 0, "partial": 256, "total": 256}
+    pattern = load_pattern("bigbird")
+    data = json.loads(build_plan(pattern, 1000, 2).to_json())
+    random = data["branches"][2]
+    assert {k: random[k] for k in ("kind", "block", "blocks", "seed", "query_blocks")} == {
+        "kind": "random", "block": 64, "blocks": 3, "seed": 0, "query_blocks": 16}
+    assert random["block_pairs"] == 2 * 16 * 3  # 16 candidates: three drawn for each
+    counts = count_pairs(pattern, 1000, 2)
+    assert random["pairs"] == counts.branches[2] and data["pairs"] == counts.total
 
 
 def test_to_json_is_deterministic() -> None:

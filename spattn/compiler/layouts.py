@@ -22,7 +22,16 @@ import torch
 from spattn.compiler.tiles import Band, TokenTiles
 from spattn.errors import SpattnError
 from spattn.patterns.counting import count_pairs
-from spattn.patterns.geometry import Dense, Dilated, Geometry, Global, Window, resolve
+from spattn.patterns.geometry import (
+    Dense,
+    Dilated,
+    Geometry,
+    Global,
+    RandomBlocks,
+    Strided,
+    Window,
+    resolve,
+)
 from spattn.patterns.spec import Pattern
 
 if TYPE_CHECKING:
@@ -58,6 +67,11 @@ def _branch_mod(g: Geometry, n: int, device: torch.device | str) -> MaskMod:
     if isinstance(g, Window):
         size = g.size
         return lambda b, h, q, k: (q - k).abs() < size
+    if isinstance(g, Strided):
+        stride = g.stride
+        return lambda b, h, q, k: (q - k) % stride == 0
+    if isinstance(g, RandomBlocks):
+        return _random_mod(g, n, device)
     if isinstance(g, Global):
         is_token = torch.zeros(max(n, 1), dtype=torch.bool, device=device)
         is_token[list(g.tokens)] = True
@@ -69,6 +83,23 @@ def _branch_mod(g: Geometry, n: int, device: torch.device | str) -> MaskMod:
 
         return global_
     return lambda b, h, q, k: (q >= 0) | (k >= 0)  # dense: every pair (shapes broadcast)
+
+
+def _random_mod(g: RandomBlocks, n: int, device: torch.device | str) -> MaskMod:
+    """k // block against each slot of table[h, q // block], unrolled so that it stays
+    elementwise (traceable by FlexAttention's vmap); -1 slots never match."""
+    table = g.table().to(device)  # (heads, query blocks, slots)
+    block, slots, last = g.block, g.blocks, max(n - 1, 0)  # clamp: indices past N are padding
+
+    def random_(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+                ) -> torch.Tensor:
+        row, key = q.clamp(0, last) // block, k.clamp(0, last) // block
+        allowed = table[h, row, 0] == key
+        for slot in range(1, slots):
+            allowed = allowed | (table[h, row, slot] == key)
+        return allowed
+
+    return random_
 
 
 def flex_mask_mod(pattern: Pattern, seq_len: int, heads: int,
@@ -131,9 +162,55 @@ def _dilated_ranges(g: Dilated, head: int, n: int, causal: bool, block: int) -> 
     return row, col, col + 1
 
 
+def _expand(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For items with `counts` pieces each: every piece's item and its index within the item."""
+    item = np.repeat(np.arange(len(counts)), counts)
+    return item, np.arange(len(item), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts,
+                                                                  counts)
+
+
+def _strided_ranges(g: Strided, n: int, causal: bool, block: int) -> Ranges:
+    """Row tile [a0, a1] sees the keys [a0 - t*L, a1 - t*L] within [0, N), for every t that
+    leaves one there (causal: t >= 0). When the tile has >= L rows, consecutive t's runs touch
+    and the row tile sees one run of keys; otherwise each t is a range of its own."""
+    stride = g.stride
+    a0 = np.arange(0, n, block, dtype=np.int64)
+    a1 = np.minimum(a0 + block, n) - 1
+    t_lo = np.zeros_like(a0) if causal else -((n - 1 - a0) // stride)  # keys <= N - 1
+    t_hi = a1 // stride  # keys >= 0
+    joined = a1 - a0 + 1 >= stride
+    row, index = _expand(np.where(joined, 1, t_hi - t_lo + 1))
+    t_a = t_lo[row] + np.where(joined[row], 0, index)
+    t_b = np.where(joined[row], t_hi[row], t_a)
+    keys_lo = np.maximum(a0[row] - t_b * stride, 0)
+    keys_hi = np.minimum(a1[row] - t_a * stride, n - 1)
+    return row, keys_lo // block, keys_hi // block + 1
+
+
+def _random_ranges(g: RandomBlocks, table: np.ndarray, n: int, causal: bool, block: int
+                   ) -> Ranges:
+    """Each drawn (query block i, key block j) of one head's (query blocks, slots) table, per row
+    tile over block i: the key tiles of block j (causal, i == j: up to the tile's last query)."""
+    b = g.block
+    i, slot = np.nonzero(table >= 0)
+    j = table[i, slot]
+    q_end = np.minimum((i + 1) * b, n)  # block i is [i*b, q_end)
+    entry, index = _expand((q_end - 1) // block - (i * b) // block + 1)
+    row = (i[entry] * b) // block + index
+    keys_hi = np.minimum((j[entry] + 1) * b, n) - 1
+    if causal:
+        last_query = np.minimum((row + 1) * block, q_end[entry]) - 1
+        keys_hi = np.where(i[entry] == j[entry], last_query, keys_hi)
+    return row, (j[entry] * b) // block, keys_hi // block + 1
+
+
 def _ranges(g: Geometry, head: int, n: int, causal: bool, block: int) -> Ranges:
     if isinstance(g, Dilated):
         return _dilated_ranges(g, head, n, causal, block)
+    if isinstance(g, Strided):
+        return _strided_ranges(g, n, causal, block)
+    if isinstance(g, RandomBlocks):
+        return _random_ranges(g, g.table()[head].numpy(), n, causal, block)
     if isinstance(g, Global):
         rows, cols, _ = TokenTiles(n, g.tokens, causal, block, block).tiles()
         return rows, cols, cols + 1
@@ -168,15 +245,17 @@ def _head_ranges(pattern: Pattern, seq_len: int, heads: int, block: int
                  ) -> tuple[list[list[Ranges]], list[list[int]]]:
     """Ranges per distinct kind of head (per branch), and the heads of each kind."""
     geometries = resolve(pattern, seq_len, heads)
+    drawn = any(isinstance(g, RandomBlocks) for g in geometries)  # random draws differ per head
     kinds: dict[tuple[int, ...], list[int]] = {}
-    for h in range(heads):  # heads with the same dilated offsets have the same tiles
-        kinds.setdefault(tuple(g.offsets[h] for g in geometries if isinstance(g, Dilated)),
-                         []).append(h)
+    for h in range(heads):  # heads with the same dilated offsets (and draws) have the same tiles
+        kind = tuple(g.offsets[h] for g in geometries if isinstance(g, Dilated))
+        kinds.setdefault((*kind, h) if drawn else kind, []).append(h)
     cache: dict[tuple[int, int], Ranges] = {}
 
     def ranges(i: int, head: int) -> Ranges:
         g = geometries[i]
-        key = (i, g.offsets[head] if isinstance(g, Dilated) else 0)
+        key = (i, g.offsets[head] if isinstance(g, Dilated) else
+               head if isinstance(g, RandomBlocks) else 0)
         if key not in cache:
             cache[key] = _ranges(g, head, seq_len, pattern.causal, block)
         return cache[key]

@@ -5,8 +5,11 @@ segment a head with offset s keeps the rows a + s + r*i, i < m, and those rows f
 m x m problem (causal: its lower triangle), so no computed tile is partly wasted by dilation.
 Segments come in at most two length classes (w' = min(w, N), and a shorter last one), and all
 segments of a class share one tile set, so a plan is stored as runs of equal segments and costs
-O(tiles of one segment) whatever N is. Window, global and dense branches are tiled in original
-coordinates, with full tiles (no predicate) and partial ones (apply it).
+O(tiles of one segment) whatever N is. A strided branch is planned the same way: residue class
+c holds the rows c, c + L, ..., a dense problem of ceil((N - c) / L) rows (at most two sizes),
+and every head computes every class. Window, global and dense branches are tiled in original
+coordinates, with full tiles (no predicate) and partial ones (apply it); so is each (query block,
+key block) problem of a random branch, whose tiles differ per head (docs/branches.md).
 
 With `overlap: union` every branch still computes its own tiles; the kernel masks the pairs an
 earlier branch already gave, so `Plan.pairs` is the de-duplicated count.
@@ -19,10 +22,19 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
 
-from spattn.compiler.tiles import Band, TokenTiles, check_kind
+from spattn.compiler.tiles import Band, BlockPairs, TokenTiles, check_kind
 from spattn.errors import SpattnError
 from spattn.patterns.counting import dense_pairs, union_pairs, useful_flops
-from spattn.patterns.geometry import Dense, Dilated, Global, Window, resolve
+from spattn.patterns.geometry import (
+    Dense,
+    Dilated,
+    Geometry,
+    Global,
+    RandomBlocks,
+    Strided,
+    Window,
+    resolve,
+)
 from spattn.patterns.spec import Pattern
 
 
@@ -31,7 +43,9 @@ class SegmentRun:
     """`count` segments of `length` tokens, the first at `start` and each right after the last.
 
     The head-offset group keeps `rows` (m) rows of each; `tiles` is that m x m problem, in dilated
-    coordinates (row i of a segment starting at a is token a + offset + dilation * i).
+    coordinates (row i of a segment starting at a is token a + offset + dilation * i). In a
+    strided branch (dilation = stride, offset 0) the "segments" are residue classes: `length` is
+    1, so the class starting at c holds the tokens c + stride * i, i < m.
     """
 
     start: int
@@ -57,8 +71,21 @@ class OffsetGroup:
         return len(self.heads) * sum(run.count * run.tiles.pairs for run in self.runs)
 
 
+class _Grouped:
+    """A branch computed as dilated rows: offset groups of segment runs."""
+
+    groups: tuple[OffsetGroup, ...]
+
+    def tile_count(self, kind: str | None = None) -> int:
+        return sum(g.tile_count(kind) for g in self.groups)
+
+    @property
+    def pairs(self) -> int:
+        return sum(g.pairs for g in self.groups)
+
+
 @dataclass(frozen=True)
-class DilatedPlan:
+class DilatedPlan(_Grouped):
     """A dilated branch: `segment` is w as written (segments are min(w, N) tokens long)."""
 
     segment: int
@@ -67,12 +94,19 @@ class DilatedPlan:
     groups: tuple[OffsetGroup, ...]  # by increasing offset
     kind: ClassVar[str] = "dilated"
 
-    def tile_count(self, kind: str | None = None) -> int:
-        return sum(g.tile_count(kind) for g in self.groups)
+
+@dataclass(frozen=True)
+class StridedPlan(_Grouped):
+    """A strided branch as the dilated row kernel runs it: one group (offset 0, every head)
+    whose runs are the residue classes of equal size (see `SegmentRun`)."""
+
+    stride: int
+    groups: tuple[OffsetGroup, ...]
+    kind: ClassVar[str] = "strided"
 
     @property
-    def pairs(self) -> int:
-        return sum(g.pairs for g in self.groups)
+    def dilation(self) -> int:
+        return self.stride
 
 
 class _SameTilesEachHead:
@@ -118,7 +152,27 @@ class DensePlan(_SameTilesEachHead):
     kind: ClassVar[str] = "dense"
 
 
-BranchPlan = DilatedPlan | WindowPlan | GlobalPlan | DensePlan
+@dataclass(frozen=True)
+class RandomPlan:
+    """Random key blocks (docs/branches.md): per head, each drawn (query block, key block) pair
+    is a block x block problem in original coordinates, tiled on its own (`BlockPairs`)."""
+
+    block: int
+    blocks: int  # slots per query block, c
+    seed: int
+    heads: int
+    tiles: BlockPairs
+    kind: ClassVar[str] = "random"
+
+    def tile_count(self, kind: str | None = None) -> int:
+        return self.tiles.count(kind)
+
+    @property
+    def pairs(self) -> int:
+        return self.tiles.pairs
+
+
+BranchPlan = DilatedPlan | StridedPlan | WindowPlan | GlobalPlan | RandomPlan | DensePlan
 
 
 @dataclass(frozen=True)
@@ -148,7 +202,8 @@ class Plan:
         """Allowed (head, query, key) triples: summed over branches (multiset) or de-duplicated."""
         if self.overlap != "union":
             return sum(b.pairs for b in self.branches)
-        geometries = tuple(_geometry(b, self.seq_len) for b in self.branches)
+        geometries = tuple(_geometry(b, self.seq_len, self.heads, self.causal)
+                           for b in self.branches)
         return union_pairs(geometries, self.seq_len, self.heads, self.causal)
 
     @property
@@ -209,21 +264,33 @@ def _branch_summary(branch: BranchPlan, area: int) -> dict[str, Any]:
                             "runs": [{"start": r.start, "length": r.length, "count": r.count,
                                       "rows": r.rows, "tiles_per_segment": r.tiles.count()}
                                      for r in g.runs]} for g in branch.groups])
+    elif isinstance(branch, StridedPlan):
+        out.update(stride=branch.stride, classes=[
+            {"first": r.start, "count": r.count, "rows": r.rows,
+             "tiles_per_class": r.tiles.count()} for r in branch.groups[0].runs])
     elif isinstance(branch, WindowPlan):
         out["size"] = branch.size
     elif isinstance(branch, GlobalPlan):
         out["tokens"] = list(branch.tokens)
+    elif isinstance(branch, RandomPlan):
+        table = branch.tiles.table
+        out.update(block=branch.block, blocks=branch.blocks, seed=branch.seed,
+                   query_blocks=table.shape[1], block_pairs=int((table >= 0).sum()))
     return out
 
 
-def _geometry(branch: BranchPlan, seq_len: int) -> Dilated | Window | Global | Dense:
+def _geometry(branch: BranchPlan, seq_len: int, heads: int, causal: bool) -> Geometry:
     """The resolved geometry of a branch plan again (for the union count)."""
     if isinstance(branch, DilatedPlan):
         return Dilated(max(1, min(branch.segment, seq_len)), branch.dilation, branch.offsets)
+    if isinstance(branch, StridedPlan):
+        return Strided(branch.stride)
     if isinstance(branch, WindowPlan):
         return Window(branch.size)
     if isinstance(branch, GlobalPlan):
         return Global(branch.tokens)
+    if isinstance(branch, RandomPlan):
+        return RandomBlocks(branch.block, branch.blocks, branch.seed, seq_len, heads, causal)
     return Dense()
 
 
@@ -253,12 +320,28 @@ def _dilated(branch: Dilated, written: int, n: int, causal: bool, block_m: int,
     return DilatedPlan(written, r, branch.offsets, tuple(groups))
 
 
+def _strided(branch: Strided, n: int, heads: int, causal: bool, block_m: int,
+             block_n: int) -> StridedPlan:
+    """Residue classes as runs of 1-token "segments": class c is the m rows c + stride * i."""
+    runs = tuple(SegmentRun(first, 1, count, m, _band(m, m - 1, causal, block_m, block_n))
+                 for first, count, m in branch.classes(n))
+    return StridedPlan(branch.stride, (OffsetGroup(0, tuple(range(heads)), runs),))
+
+
+def _random(branch: RandomBlocks, n: int, heads: int, causal: bool, block_m: int,
+            block_n: int) -> RandomPlan:
+    """Every head's draw (one small problem per drawn block pair), counted by class of problem."""
+    table = branch.table().numpy()  # (heads, query blocks, slots), -1 for an empty slot
+    return RandomPlan(branch.block, branch.blocks, branch.seed, heads,
+                      BlockPairs(n, branch.block, table, causal, block_m, block_n))
+
+
 def build_plan(pattern: Pattern, seq_len: int, heads: int, kv_heads: int | None = None,
                head_dim: int | None = None, block_m: int = 64, block_n: int = 64) -> Plan:
     """The tiles that `pattern` computes at `seq_len` tokens and `heads` query heads.
 
     O(tiles of one segment) per branch and offset (O(N / block) for window and dense branches,
-    O(tiles) for global ones); nothing N x N is ever built.
+    O(tiles) for global ones, O(drawn blocks) for random ones); nothing N x N is ever built.
     """
     for flag, value in (("seq_len", seq_len), ("heads", heads), ("block_m", block_m),
                         ("block_n", block_n), ("kv_heads", kv_heads), ("head_dim", head_dim)):
@@ -286,9 +369,13 @@ def build_plan(pattern: Pattern, seq_len: int, heads: int, kv_heads: int | None 
         elif isinstance(g, Window):
             branches.append(WindowPlan(g.size, heads,
                                        _band(n, g.size - 1, causal, block_m, block_n)))
+        elif isinstance(g, Strided):
+            branches.append(_strided(g, n, heads, causal, block_m, block_n))
         elif isinstance(g, Global):
             branches.append(GlobalPlan(g.tokens, heads,
                                        TokenTiles(n, g.tokens, causal, block_m, block_n)))
+        elif isinstance(g, RandomBlocks):
+            branches.append(_random(g, n, heads, causal, block_m, block_n))
         else:
             branches.append(DensePlan(heads, _band(n, n - 1, causal, block_m, block_n)))
     return Plan(pattern.name, pattern.content_hash(), n, heads, kv_heads, head_dim, causal,

@@ -5,11 +5,14 @@ A tile (i, j) is the query rows [i*block_m, (i+1)*block_m) against the key colum
 pair inside the extent is allowed (no predicate needed) and `partial` when only some are (apply
 the predicate); tiles with no allowed pair are never listed. Tiles at the extent's edge still need
 the bounds check that every kernel makes.
+
+`BlockPairs` (random key blocks) holds many small problems in original coordinates, each with
+its own tile grid starting at its blocks' first tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import NamedTuple
 
@@ -157,3 +160,131 @@ class TokenTiles:
 
     def tiles(self) -> TileList:
         return self._listed
+
+
+class BlockTileList(NamedTuple):
+    """Listed tiles of block-pair problems, in order of head, query block, key block (as in the
+    table), then row-major inside the problem: the tile's row and column are counted from the
+    first tokens of its query and key blocks."""
+
+    heads: np.ndarray
+    qblocks: np.ndarray
+    kblocks: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    full: np.ndarray
+
+
+def _pair_grid(rows: int, cols: int, cut_rows: bool, cut_cols: bool, diagonal: bool,
+               block_m: int, block_n: int) -> TileList:
+    """The tiles of one rows x cols block pair (k <= q when `diagonal`). A tile that runs past
+    a block's end into the next block (`cut_*`: the block is not the sequence's last) holds
+    pairs of other problems, so it is partial."""
+    u, v = (a.ravel() for a in np.meshgrid(np.arange(_ceil_div(rows, block_m)),
+                                            np.arange(_ceil_div(cols, block_n)), indexing="ij"))
+    full = ~((cut_rows & ((u + 1) * block_m > rows)) | (cut_cols & ((v + 1) * block_n > cols)))
+    if diagonal:  # listed when the tile's first key is <= its last query; full when all are
+        keep = v * block_n <= np.minimum((u + 1) * block_m, rows) - 1
+        full &= np.minimum((v + 1) * block_n, cols) - 1 <= u * block_m
+        u, v, full = u[keep], v[keep], full[keep]
+    return TileList(u.astype(np.int64), v.astype(np.int64), full)
+
+
+def _pair_counts(rows: int, cols: int, cut_rows: bool, cut_cols: bool, diagonal: bool,
+                 block_m: int, block_n: int) -> tuple[int, int]:
+    """(listed, full) tiles of `_pair_grid`, in O(rows / block_m) without listing them."""
+    row_tiles, col_tiles = _ceil_div(rows, block_m), _ceil_div(cols, block_n)
+    inside_rows = rows // block_m if cut_rows else row_tiles  # tiles that end in the block
+    inside_cols = cols // block_n if cut_cols else col_tiles
+    if not diagonal:
+        return row_tiles * col_tiles, inside_rows * inside_cols
+    lo, hi, flo, fhi = Band(rows, 0, rows - 1, block_m, block_n).row_ranges()
+    fhi = np.minimum(fhi, inside_cols - 1)[:inside_rows]
+    return int((hi - lo + 1).sum()), int(np.maximum(fhi - flo[:inside_rows] + 1, 0).sum())
+
+
+@dataclass(frozen=True)
+class BlockPairs:
+    """Random key blocks over extent tokens cut into blocks of `block` (the last maybe shorter).
+
+    Head h computes, for query block i and each key block j in table[h, i] (-1: an empty slot),
+    block i's rows against block j's columns, with k <= q when causal (which only cuts i == j:
+    a causal draw has j <= i). Each such problem is tiled on its own; a tile is full when every
+    pair it holds inside the sequence belongs to the problem and is allowed.
+    """
+
+    extent: int
+    block: int
+    table: np.ndarray = field(repr=False, compare=False)  # (heads, query blocks, slots) int64
+    causal: bool
+    block_m: int
+    block_n: int
+
+    def _codes(self) -> np.ndarray:
+        """The class of every slot (i last + 2 * j last + 4 * causal diagonal); -1 when empty."""
+        table = self.table
+        i = np.arange(table.shape[1])[None, :, None]
+        code = (i == table.shape[1] - 1) + 2 * (table == table.shape[1] - 1)
+        if self.causal:
+            code = code + 4 * (table == i)
+        return np.where(table >= 0, code, -1)
+
+    def _entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Each drawn (head, i, j) in table order, and its class."""
+        heads, i, slot = np.nonzero(self.table >= 0)
+        return heads, i, self.table[heads, i, slot], self._codes()[heads, i, slot]
+
+    def _class_sizes(self, code: int) -> tuple[int, int, bool]:
+        """Query rows and key columns of the problems of one class, and whether diagonal."""
+        last_rows = self.extent - (_ceil_div(self.extent, self.block) - 1) * self.block
+        return (last_rows if code & 1 else self.block, last_rows if code & 2 else self.block,
+                bool(code & 4))
+
+    @cached_property
+    def _grids(self) -> list[TileList]:
+        """The tile grid of each class of problem (empty for a class with no problem)."""
+        empty = np.zeros(0, dtype=np.int64)
+        grids = []
+        for code, problems in enumerate(self._per_class.tolist()):
+            rows, cols, diagonal = self._class_sizes(code)
+            grids.append(_pair_grid(rows, cols, not code & 1, not code & 2, diagonal,
+                                    self.block_m, self.block_n) if problems
+                         else TileList(empty, empty, empty.astype(bool)))
+        return grids
+
+    @cached_property
+    def _per_class(self) -> np.ndarray:
+        """How many problems of each class."""
+        return np.bincount(self._codes().ravel() + 1, minlength=9)[1:]
+
+    def count(self, kind: str | None = None) -> int:
+        check_kind(kind)
+        total = 0
+        for code, problems in enumerate(self._per_class.tolist()):
+            if problems:
+                rows, cols, diagonal = self._class_sizes(code)
+                listed, full = _pair_counts(rows, cols, not code & 1, not code & 2, diagonal,
+                                            self.block_m, self.block_n)
+                total += problems * {None: listed, "full": full, "partial": listed - full}[kind]
+        return total
+
+    @property
+    def pairs(self) -> int:
+        total = 0
+        for code, problems in enumerate(self._per_class.tolist()):
+            rows, cols, diagonal = self._class_sizes(code)
+            total += problems * (rows * (rows + 1) // 2 if diagonal else rows * cols)
+        return total
+
+    def tiles(self) -> BlockTileList:
+        heads, i, j, code = self._entries()
+        grids = self._grids
+        sizes = np.array([len(g.rows) for g in grids], dtype=np.int64)
+        starts = np.cumsum(sizes) - sizes
+        count = sizes[code]
+        entry = np.repeat(np.arange(len(code)), count)
+        local = np.arange(len(entry), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
+        pick = starts[code][entry] + local
+        rows, cols, full = (np.concatenate(parts) for parts in zip(*grids, strict=True))
+        return BlockTileList(heads[entry], i[entry], j[entry], rows[pick], cols[pick],
+                             full[pick])

@@ -8,7 +8,8 @@ tokens is
   token a*l is held by ranks a .. a+g-1 (a subgroup), which all-gather their dilated K/V rows.
 
 A dense branch is one segment of N tokens with dilation 1 (it spans all P ranks, or is local when
-P = 1). Anything else is a `PlanError` before any communication.
+P = 1). Anything else (window, global, strided and random branches included) is a `PlanError`
+before any communication.
 
 In a spanning segment the rank at position p of its subgroup holds segment-local tokens
 [p*l, (p+1)*l); head h keeps the tokens t with t % r == s_h, i.e. local rows
@@ -30,13 +31,23 @@ from dataclasses import dataclass
 import torch
 
 from spattn.errors import SpattnError
-from spattn.patterns.geometry import Dense, Dilated, Global, Window, resolve
+from spattn.patterns.geometry import (
+    Dense,
+    Dilated,
+    Global,
+    RandomBlocks,
+    Strided,
+    Window,
+    resolve,
+)
 from spattn.patterns.spec import Pattern
 
 CHECK_ELEMENTS = 16  # int64 metadata every rank all-gathers over the whole group before any data
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
+# branch kinds the plan cannot partition over ranks (yet)
+UNSUPPORTED = {Window: "window", Global: "global", Strided: "strided", RandomBlocks: "random"}
 
 
 class PlanError(SpattnError, ValueError):
@@ -221,8 +232,8 @@ def build_plan(pattern: Pattern, seq_len: int, world_size: int, *, heads: int,
         raise PlanError(str(error)) from None
     branches = []
     for i, g in enumerate(geometries):
-        if isinstance(g, Window | Global):
-            kind = "window" if isinstance(g, Window) else "global"
+        kind = UNSUPPORTED.get(type(g))
+        if kind is not None:
             raise PlanError(f"branch {i} ({kind}): {kind} branches are not supported distributed "
                             f"yet; dilated and dense branches are")
         if isinstance(g, Dense):
