@@ -46,8 +46,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape(parser, "sequence length N (>= 1; 1e6 and 1_000_000 work)")
     parser.add_argument("--scale", type=positive, default=1, metavar="S",
-                        help="divide every segment length and window size by S (rounded down, "
-                             "at least 1), keeping dilations: the pattern's shape at a smaller N")
+                        help="divide every segment length, window size, stride and random "
+                             "block size by S (rounded down, at least 1), keeping dilations: "
+                             "the pattern's shape at a smaller N")
     parser.add_argument("--no-hops", action="store_true", help="skip the hop distances")
     parser.add_argument("--no-tiles", action="store_true", help="skip the tile comparison")
     parser.add_argument("--block-m", type=positive, default=64, metavar="M",
