@@ -58,7 +58,8 @@ def generated_patterns(draw, max_n: int = 90):
     n = draw(st.integers(1, max_n))
     branches = []
     for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["dilated", "dilated", "window", "global", "dense"]))
+        kind = draw(st.sampled_from(["dilated", "dilated", "window", "global", "strided",
+                                     "random", "dense"]))
         if kind == "dilated":
             r = draw(st.integers(1, 5))
             branch = {"segment": draw(st.integers(1, 100)), "dilation": r}
@@ -71,6 +72,12 @@ def generated_patterns(draw, max_n: int = 90):
         elif kind == "global":
             branches.append({"global": {"tokens": draw(st.lists(st.integers(0, 95), min_size=1,
                                                                 max_size=3))}})
+        elif kind == "strided":
+            branches.append({"strided": {"stride": draw(st.integers(1, 30))}})
+        elif kind == "random":
+            branches.append({"random": {"block": draw(st.integers(1, 40)),
+                                        "blocks": draw(st.integers(1, 4)),
+                                        "seed": draw(st.integers(0, 9))}})
         else:
             branches.append({"dense": {}})
     spec = {"name": "random", "causal": draw(st.booleans()), "branches": branches,

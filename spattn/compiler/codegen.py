@@ -19,7 +19,15 @@ from pydantic import ValidationError
 
 import spattn
 from spattn.errors import SpattnError
-from spattn.patterns.spec import DenseBranch, DilatedBranch, GlobalBranch, Pattern, WindowBranch
+from spattn.patterns.spec import (
+    DenseBranch,
+    DilatedBranch,
+    GlobalBranch,
+    Pattern,
+    RandomBranch,
+    StridedBranch,
+    WindowBranch,
+)
 
 
 def module_name(pattern: Pattern) -> str:
@@ -52,6 +60,11 @@ def _branch(branch: object) -> dict:
         return {"kind": "window", "size": branch.window.size}
     if isinstance(branch, GlobalBranch):
         return {"kind": "global", "tokens": sorted(set(branch.global_.tokens))}
+    if isinstance(branch, StridedBranch):
+        return {"kind": "strided", "stride": branch.strided.stride}
+    if isinstance(branch, RandomBranch):
+        spec = branch.random
+        return {"kind": "random", "block": spec.block, "blocks": spec.blocks, "seed": spec.seed}
     if isinstance(branch, DenseBranch):
         return {"kind": "dense"}
     raise TypeError(f"unknown branch {branch!r}")
@@ -76,6 +89,14 @@ def _template(name: str) -> jinja2.Template:
     return env.from_string(text)
 
 
+def _random_table_shape(branches: list[dict]) -> dict[str, int]:
+    """How the union hook indexes the random branches' stacked draw tables (rows per head are
+    ceil(N / smallest block), draws per row the most any branch makes)."""
+    random = [b for b in branches if b["kind"] == "random"]
+    return {"random_min_block": min((b["block"] for b in random), default=1),
+            "random_max_draws": max((b["blocks"] for b in random), default=1)}
+
+
 def render(pattern: Pattern) -> str:
     """The module's source text."""
     literal = pattern_literal(pattern)
@@ -83,7 +104,8 @@ def render(pattern: Pattern) -> str:
         name=pattern.name, module=module_name(pattern), pattern_hash=literal["hash"],
         spattn_version=spattn.__version__, triton_version=triton.__version__,
         pattern_literal=repr(literal),
-        kernels=_template("kernels.py.jinja").render(branches=literal["branches"]),
+        kernels=_template("kernels.py.jinja").render(branches=literal["branches"],
+                                                     **_random_table_shape(literal["branches"])),
         softmax_scale=pattern.softmax_scale, head_dim=pattern.head_dim, causal=pattern.causal,
         head_offsets=pattern.head_offsets, branches=literal["branches"],
         union=pattern.overlap == "union")

@@ -10,8 +10,9 @@ from functools import lru_cache
 
 import torch
 
+from spattn.patterns.blocks import random_blocks
 from spattn.patterns.geometry import head_offsets as _offsets
-from spattn.runtime.dispatch import InputError, check_fixed, check_tensors
+from spattn.runtime.dispatch import Call, InputError, check_fixed, check_tensors
 
 
 def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: dict
@@ -97,29 +98,101 @@ def _tokens_cached(tokens: tuple[int, ...], n: int, device: str
     return index.to(torch.int32), is_global
 
 
-# a branch as the union tables need it: (dilation or None, explicit offsets or None, global tokens)
-_Branch = tuple[int | None, tuple[int, ...] | None, tuple[int, ...]]
+# a branch as the union tables need it: (dilation or None, explicit offsets or None, global
+# tokens, random (block, draws, seed) or None)
+_Branch = tuple[int | None, tuple[int, ...] | None, tuple[int, ...], tuple[int, int, int] | None]
 
 
 @lru_cache(maxsize=64)
-def _union_cached(branches: tuple[_Branch, ...], mode: str, heads: int, n: int, device: str
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _union_cached(branches: tuple[_Branch, ...], mode: str, heads: int, n: int, causal: bool,
+                  device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     offsets = torch.zeros((len(branches), heads), dtype=torch.int32)
     flags = torch.zeros((len(branches), max(n, 1)), dtype=torch.int8)
-    for i, (dilation, explicit, tokens) in enumerate(branches):
+    random = [b[3] for b in branches if b[3] is not None]
+    rows = -(-n // min((r[0] for r in random), default=1))
+    draws = torch.full((len(branches), heads, max(rows, 1), max((r[1] for r in random),
+                                                                default=1)), -1, dtype=torch.int32)
+    for i, (dilation, explicit, tokens, drawn) in enumerate(branches):
         if dilation is not None:
             offsets[i] = torch.tensor(explicit or _offsets(mode, dilation, heads))
         flags[i, [t for t in tokens if t < n]] = 1
-    return offsets.to(device), flags.to(device)
+        if drawn is not None:
+            table = random_blocks(*drawn, n, heads, causal)
+            draws[i, :, :table.shape[1], :table.shape[2]] = table
+    return offsets.to(device), flags.to(device), draws.to(device)
 
 
-def union_tables(pattern: dict, heads: int, n: int, device: torch.device
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For overlap: union: every branch's per-head offsets (branches, H) int32 and global-token
-    flags (branches, N) int8, which the kernels read to skip pairs earlier branches give."""
+def pair_tables(pattern: dict, heads: int, n: int, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the kernels' _pairs_given reads to tell which branches give a pair (union overlap,
+    decoding): every branch's per-head offsets (branches, H) int32, global-token flags
+    (branches, N) int8, and random draws (branches, H, ceil(N / smallest block), most draws)
+    int32."""
     branches = tuple((b.get("dilation"), tuple(b["offsets"]) if b.get("offsets") else None,
-                      tuple(b.get("tokens", ()))) for b in pattern["branches"])
-    return _union_cached(branches, pattern["head_offsets"], heads, n, str(device))
+                      tuple(b.get("tokens", ())),
+                      (b["block"], b["blocks"], b["seed"]) if b["kind"] == "random" else None)
+                     for b in pattern["branches"])
+    return _union_cached(branches, pattern["head_offsets"], heads, n, pattern["causal"],
+                         str(device))
+
+
+def table_length(n: int) -> int:
+    """A length >= n at which decoding builds its tables: the next power of two, so a decoder
+    rebuilds them O(log N) times. Exact for causal patterns, whose rows below n never depend on
+    the tokens after them."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def check_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                 first: int, pattern: dict) -> tuple[int, int, int, int, int, int]:
+    """(B, H, T, D, Hkv, M) of a decode call: q (B, H, T, D) new queries, k, v (B, Hkv, M, D)
+    cached keys at `positions` (M,), for a causal pattern."""
+    if not pattern["causal"]:
+        raise InputError(f"pattern '{pattern['name']}' is not causal: decoding needs a causal "
+                         f"pattern (a query must not see keys that have not arrived)")
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise InputError(f"{arg} must be a 4-D tensor, got {getattr(t, 'shape', t)}")
+    batch, heads, t, dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != dim or heads % k.shape[1]:
+        raise InputError(f"k and v must be (B={batch}, Hkv, M, D={dim}) with Hkv dividing "
+                         f"{heads}, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if positions.shape != (k.shape[2],):
+        raise InputError(f"positions must be ({k.shape[2]},), one per cached key, got "
+                         f"{tuple(positions.shape)}")
+    if first < 0 or first + t >= 2**31:
+        raise InputError(f"first must be in [0, 2^31 - T), got {first}")
+    call = Call(batch, heads, k.shape[1], t, dim, q.dtype, q.device, False)
+    check_fixed(call, pattern["name"], pattern.get("heads"), pattern.get("kv_heads"),
+                pattern.get("head_dim"), pattern.get("offsets_heads"))
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype \
+            or v.dtype != q.dtype:
+        raise InputError(f"the generated kernels take float32, float16 or bfloat16 tensors of "
+                         f"one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.stride(-1) != 1 or k.stride() != v.stride() or k.stride(-1) != 1:
+        raise InputError("q, k and v need contiguous rows (stride 1 along D), k and v the same "
+                         "strides")
+    return batch, heads, t, dim, k.shape[1], k.shape[2]
+
+
+@lru_cache(maxsize=64)
+def _random_cached(block: int, draws: int, seed: int, n: int, heads: int, causal: bool,
+                   device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    table = random_blocks(block, draws, seed, n, heads, causal)  # (H, blocks, draws)
+    head, query, _ = (table >= 0).nonzero(as_tuple=True)
+    by_key = head * table.shape[1] + table[table >= 0]  # (head, key block), flattened
+    first = torch.zeros(heads * table.shape[1] + 1, dtype=torch.int64)
+    first[1:] = torch.bincount(by_key, minlength=heads * table.shape[1]).cumsum(0)
+    query = query[torch.argsort(by_key, stable=True)]
+    return tuple(x.to(torch.int32).to(device) for x in (table, first, query))
+
+
+def random_tables(block: int, draws: int, seed: int, n: int, heads: int, causal: bool,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random branch's draws (H, blocks, draws) int32 for the row kernels, and the same pairs
+    by key block for the column kernels: the query blocks that drew key block j for head h are
+    query_blocks[first[h * blocks + j] : first[h * blocks + j + 1]]."""
+    return _random_cached(block, draws, seed, n, heads, causal, str(device))
 
 
 def global_tokens(tokens: list[int], n: int, device: torch.device
