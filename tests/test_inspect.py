@@ -274,6 +274,22 @@ def test_million_tokens_new_kinds(name: str, labels: list[str],
     assert rows[rows.index("branch") + 1:][:len(labels) + 1] == [*labels, "total (union)"]
 
 
+@pytest.mark.parametrize("name,sentence", [
+    ("sink-window", "a KV cache keeps at most 4,099 tokens' keys and values"),  # 4 + window
+    ("sliding-window", "a KV cache keeps at most 4,095 tokens' keys and values"),
+    ("sparse-transformer-strided", "a KV cache keeps every token"),
+    ("longvit", None),  # bidirectional: no decoding
+])
+def test_decoding_cache_size(name: str, sentence: str | None,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["inspect", name, "--seq-len", "20000", "--no-hops", "--no-tiles"]) == 0
+    out = capsys.readouterr().out
+    if sentence is None:
+        assert "decoding" not in out
+    else:
+        assert f"decoding: {sentence}" in out
+
+
 def test_scaled_longnet_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli(["inspect", "longnet-lm", "--seq-len", "4096", "--scale", "16"]) == 0
     out = capsys.readouterr().out

@@ -16,6 +16,7 @@ from spattn.errors import SpattnError
 from spattn.patterns.counting import count_pairs, dense_pairs, useful_flops
 from spattn.patterns.geometry import describe, resolve
 from spattn.patterns.hops import MAX_HOPS_SEQ_LEN, Hops, hop_distance, hop_table
+from spattn.patterns.retention import cache_bound
 from spattn.patterns.spec import (
     DilatedBranch,
     Pattern,
@@ -89,6 +90,7 @@ class InspectReport:
     hop_table: tuple[Hops, ...]
     hops_note: str | None
     tiles: Tiles | None = None  # None when not computed
+    cache_tokens: int | None = None  # causal: the most tokens a decoder's KV cache holds
 
 
 def choose_heads(pattern: Pattern, heads: int | None) -> int:
@@ -207,7 +209,8 @@ def inspect_pattern(pattern: Pattern, seq_len: int, heads: int | None = None,
         pattern=pattern.name, causal=pattern.causal, overlap=pattern.overlap, seq_len=seq_len,
         heads=heads, head_dim=head_dim, batch=batch, scale=scale, branches=rows, total=total,
         dense=_row("dense attention", dense, dense, head_dim, batch), hops=hop, hop_table=table,
-        hops_note=note, tiles=compared)
+        hops_note=note, tiles=compared,
+        cache_tokens=cache_bound(pattern, heads) if pattern.causal else None)
 
 
 def _offsets(branch: DilatedBranch, pattern: Pattern) -> str:
@@ -287,6 +290,14 @@ def _hops_sentence(report: InspectReport) -> str:
             f"the others take at most {h.hops} hop(s)")
 
 
+def _decoding_sentence(report: InspectReport) -> str:
+    if report.cache_tokens is None:
+        return ("decoding: a KV cache keeps every token (a strided, random or dense branch may "
+                "attend any earlier key)")
+    return (f"decoding: a KV cache keeps at most {report.cache_tokens:,} tokens' keys and values, "
+            f"at any sequence length (spattn.KVCache)")
+
+
 def format_report(report: InspectReport) -> str:
     """The report as aligned text, as `spattn inspect` prints it."""
     scaled = f", lengths (segments, windows, strides, blocks) scaled by 1/{report.scale}" \
@@ -305,6 +316,8 @@ def format_report(report: InspectReport) -> str:
     lines.append("(useful FLOPs = 4 * head_dim * batch * pairs; a backward pass counts 2.5x)")
     if report.tiles is not None:
         lines += ["", *_tile_lines(report.tiles)]
+    if report.causal:
+        lines += ["", _decoding_sentence(report)]
     if report.hops is not None or report.hops_note or report.hop_table:
         lines += ["", _hops_sentence(report)]
     if len(report.hop_table) > 1:

@@ -137,20 +137,26 @@ def _choose(pattern: Pattern, sizes: tuple[int, int, int, int, int], dtype: torc
                 pattern.required_heads())
     if scale is None:
         scale = pattern.softmax_scale or 1.0 / math.sqrt(call.head_dim)
+    return pick_backend(call, pattern, backend), ops.register(pattern), float(scale)
+
+
+def pick_backend(call: Call, pattern: Pattern, backend: str | None) -> str:
+    """The backend named `backend` if it can run `call` (else a BackendError saying why), or
+    the first backend in order of preference that can."""
     if backend is not None:
         if backend not in BACKENDS:
             raise BackendError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
         reason = BACKENDS[backend].why_not(call, pattern)
         if reason:
             raise BackendError(f"backend '{backend}' cannot run this call: {reason}")
-        return backend, ops.register(pattern), float(scale)
+        return backend
     reasons = {name: b.why_not(call, pattern) for name, b in BACKENDS.items()
                if _auto(name, call)}
     usable = [name for name, reason in reasons.items() if reason is None]
     if not usable:
         raise BackendError("no backend can run this call: " +
                            "; ".join(f"{n}: {r}" for n, r in reasons.items()))
-    return usable[0], ops.register(pattern), float(scale)
+    return usable[0]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | str, *,
