@@ -12,6 +12,8 @@ from reference import pair_counts, reference_attention
 
 import spattn
 from spattn.patterns.geometry import resolve
+from spattn.patterns.loader import builtin_names
+from spattn.patterns.report import scale_pattern
 from spattn.runtime import torch_backend
 from spattn.runtime.dispatch import InputError
 
@@ -142,6 +144,15 @@ def test_matches_reference_on_odd_sizes(pattern, shape):
     f"w{p.branches[0].window.size}-n{s[3]}-{'causal' if p.causal else 'bi'}" for p, s in WINDOWS])
 def test_windows_match_reference(pattern, shape):
     _check_against_reference(pattern, shape)
+
+
+@pytest.mark.parametrize("name,scale", [*((name, 64) for name in builtin_names()),
+                                        ("bigbird", 1), ("sparse-transformer-strided", 1)])
+def test_builtins_match_reference(name, scale):
+    # scaled: longnet-lm's segments become 32 ... 512 over 300 tokens; unscaled, bigbird's 64
+    # global tokens, window 192 and random blocks of 64, and the Sparse Transformer's stride 128
+    pattern = scale_pattern(spattn.load_pattern(name), scale)
+    _check_against_reference(pattern, (1, 2, 1, 300, 4))
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
