@@ -194,7 +194,9 @@ SMALL_IDS = ["longnet", "sink", "strided", "bigbird"]
 
 @pytest.mark.parametrize("pattern", SMALL, ids=SMALL_IDS)
 def test_float64_gradcheck(pattern):
-    q, k, v = _inputs((1, 2, 1, 28, 3))
+    # the strided and bigbird patterns split into many small pieces: fewer tokens keep it quick
+    n = 28 if pattern in (LONGNET_SMALL, SINK_SMALL) else 18
+    q, k, v = _inputs((1, 2, 1, n, 3))
     assert torch.autograd.gradcheck(lambda a, b, c: spattn.attention(a, b, c, pattern), (q, k, v))
 
 

@@ -65,8 +65,9 @@ def test_odd_sizes(pattern, shape):
 
 @pytest.mark.parametrize("name", builtin_names())
 def test_builtin_patterns_scaled_down(name):
-    # segments / 64: longnet-lm becomes w = 32 ... 512; 160 tokens cover several segments
-    _check(scaled(name, 64), (1, 4, 2, 160, 16))
+    # segments / 64: longnet-lm becomes w = 32 ... 512; 160 tokens cover several segments.
+    # bigbird / 8: window 24, random blocks of 8 (one-token blocks crawl under the interpreter)
+    _check(scaled(name, 8 if name == "bigbird" else 64), (1, 4, 2, 160, 16))
 
 
 def test_every_branch_kind_with_gqa_and_groups_of_offsets():
