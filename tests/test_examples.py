@@ -38,3 +38,15 @@ def test_run_compiled_without_a_gpu_asks_for_the_interpreter(tmp_path):
         return
     assert done.returncode == 1
     assert "TRITON_INTERPRET=1" in done.stderr
+
+
+def test_decode_example_agrees_with_the_forward_and_stays_in_bound():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "decode_longnet.py"), "--scale", "64",
+         "--tokens", "1100", "--prompt", "40", "--head-dim", "16"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "OK: every decoded row equals the full forward's" in done.stdout
+    most, bound = map(int, re.search(r"held at most ([\d,]+) tokens \(bound ([\d,]+)\)",
+                                     done.stdout).group(1, 2))
+    assert most == bound < 512  # longnet-lm / 64: segments 32 ... 512, passed twice
