@@ -50,36 +50,37 @@ def scaled(name: str, factor: int) -> spattn.Pattern:
     return small.model_copy(update={"name": f"{name}-small"})
 
 
+@st.composite
+def branch_specs(draw, heads: int, length: int, kinds: tuple[str, ...] = (
+        "dilated", "dilated", "window", "global", "strided", "random", "dense")) -> dict:
+    """One branch of any kind in `kinds`, its sizes drawn up to about `length` tokens."""
+    kind = draw(st.sampled_from(kinds))
+    if kind == "dilated":
+        r = draw(st.integers(1, 5))
+        branch = {"segment": draw(st.integers(1, length)), "dilation": r}
+        if draw(st.booleans()):
+            branch["offsets"] = draw(st.lists(st.integers(0, r - 1), min_size=heads,
+                                              max_size=heads))
+        return branch
+    if kind == "window":
+        return {"window": {"size": draw(st.integers(1, max(1, length // 2)))}}
+    if kind == "global":
+        return {"global": {"tokens": draw(st.lists(st.integers(0, length), min_size=1,
+                                                   max_size=3))}}
+    if kind == "strided":  # (one program per residue class: long strides crawl when interpreted)
+        return {"strided": {"stride": draw(st.integers(1, max(1, length // 6)))}}
+    if kind == "random":  # blocks from 3 tokens: one-token blocks crawl under the interpreter
+        return {"random": {"block": draw(st.integers(3, max(3, length // 3))),
+                           "blocks": draw(st.integers(1, 4)), "seed": draw(st.integers(0, 9))}}
+    return {"dense": {}}
+
 
 @st.composite
 def generated_patterns(draw, max_n: int = 90):
     heads = draw(st.sampled_from([1, 2, 4]))
     kv_heads = draw(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0]))
     n = draw(st.integers(1, max_n))
-    branches = []
-    for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["dilated", "dilated", "window", "global", "strided",
-                                     "random", "dense"]))
-        if kind == "dilated":
-            r = draw(st.integers(1, 5))
-            branch = {"segment": draw(st.integers(1, 100)), "dilation": r}
-            if draw(st.booleans()):
-                branch["offsets"] = draw(st.lists(st.integers(0, r - 1), min_size=heads,
-                                                  max_size=heads))
-            branches.append(branch)
-        elif kind == "window":
-            branches.append({"window": {"size": draw(st.integers(1, 40))}})
-        elif kind == "global":
-            branches.append({"global": {"tokens": draw(st.lists(st.integers(0, 95), min_size=1,
-                                                                max_size=3))}})
-        elif kind == "strided":
-            branches.append({"strided": {"stride": draw(st.integers(1, 30))}})
-        elif kind == "random":
-            branches.append({"random": {"block": draw(st.integers(1, 40)),
-                                        "blocks": draw(st.integers(1, 4)),
-                                        "seed": draw(st.integers(0, 9))}})
-        else:
-            branches.append({"dense": {}})
+    branches = draw(st.lists(branch_specs(heads, 100), min_size=1, max_size=3))
     spec = {"name": "random", "causal": draw(st.booleans()), "branches": branches,
             "head_offsets": draw(st.sampled_from(["paper", "blocked"])),
             "overlap": draw(st.sampled_from(["multiset", "union"]))}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from generated_cases import DEVICE
+from generated_cases import DEVICE, branch_specs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import reference_attention
@@ -123,26 +123,8 @@ def test_bounds_of_the_builtins():
 @st.composite
 def causal_problems(draw):
     heads = draw(st.sampled_from([1, 2, 4]))
-    kinds = st.sampled_from(["dilated", "dilated", "window", "global", "strided", "random"])
-    branches = []
-    for kind in draw(st.lists(kinds, min_size=1, max_size=3)):
-        if kind == "dilated":
-            r = draw(st.integers(1, 4))
-            branch = {"segment": draw(st.integers(1, 30)), "dilation": r}
-            if draw(st.booleans()):
-                branch["offsets"] = draw(st.lists(st.integers(0, r - 1), min_size=heads,
-                                                  max_size=heads))
-        elif kind == "window":
-            branch = {"window": {"size": draw(st.integers(1, 12))}}
-        elif kind == "global":
-            branch = {"global": {"tokens": draw(st.lists(st.integers(0, 40), min_size=1,
-                                                         max_size=3))}}
-        elif kind == "strided":
-            branch = {"strided": {"stride": draw(st.integers(1, 9))}}
-        else:
-            branch = {"random": {"block": draw(st.integers(1, 8)),
-                                 "blocks": draw(st.integers(1, 3))}}
-        branches.append(branch)
+    kinds = ("dilated", "dilated", "window", "global", "strided", "random")
+    branches = draw(st.lists(branch_specs(heads, 30, kinds), min_size=1, max_size=3))
     pattern = spattn.Pattern.model_validate({
         "name": "decode", "causal": True, "branches": branches,
         "overlap": draw(st.sampled_from(["multiset", "union"])),

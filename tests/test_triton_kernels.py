@@ -96,12 +96,12 @@ def test_union_overlap_counts_each_pair_once(causal):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_strided_and_random_blocks(causal):
     # residue classes of two sizes (N % stride != 0), stride > N; random blocks that do not
-    # divide N, two random branches with different blocks and draws, one of them earlier than a
-    # strided branch under union (the hook reads the stacked draw tables)
+    # divide N, one-token blocks, two random branches with different blocks and draws, one of
+    # them earlier than a strided branch under union (the hook reads the stacked draw tables)
     for overlap, branches in (
             ("multiset", [{"strided": {"stride": 7}}, {"strided": {"stride": 60}}]),
             ("multiset", [{"random": {"block": 6, "blocks": 3, "seed": 2}},
-                          {"random": {"block": 16, "blocks": 1}}]),
+                          {"random": {"block": 1, "blocks": 2}}]),
             ("union", [{"random": {"block": 6, "blocks": 3, "seed": 2}},
                        {"random": {"block": 16, "blocks": 2}}, {"strided": {"stride": 5}},
                        {"window": {"size": 4}}])):
