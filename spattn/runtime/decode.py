@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from spattn.errors import SpattnError
@@ -132,8 +133,8 @@ class KVCache:
 
     def reset(self) -> None:
         """Forget every token (a new sequence of the same shapes)."""
-        self.seen, self.keys, self.values, self.positions, self._last_use = 0, None, None, None, \
-            None
+        self.seen = 0
+        self.keys = self.values = self.positions = self._last_use = None
 
     # ---- decoding -----------------------------------------------------------------------------
 
@@ -157,8 +158,10 @@ class KVCache:
             values = torch.cat([self.values, v], dim=2)
             positions = torch.cat([self.positions, new])
             out = self._decode(q, keys, values, positions, first, scale)
-        uses = torch.from_numpy(last_use(self.pattern, call.heads, new.cpu().numpy()))
-        uses = torch.cat([self._last_use, uses.to(q.device)]) if first else uses.to(q.device)
+        uses = torch.from_numpy(last_use(self.pattern, call.heads, np.arange(first, first + t)))
+        uses = uses.to(q.device)
+        if first:
+            uses = torch.cat([self._last_use, uses])
         self.seen += t
         keep = uses >= self.seen
         self.keys, self.values = keys[:, :, keep].contiguous(), values[:, :, keep].contiguous()
