@@ -28,7 +28,7 @@ from spattn.runtime import triton_backend
 from spattn.runtime.dispatch import InputError, attention, check_tensors, pick_backend
 from spattn.runtime.generated import table_length
 
-WEIGHT_BUDGET = 1 << 24  # (head, query, key) weights the PyTorch path builds at once
+WEIGHT_BUDGET = 1 << 24  # (batch, head, query, key) scores the PyTorch path builds at once
 
 
 def attend_cached(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -46,7 +46,7 @@ def attend_cached(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     kpos = positions.to(q.device)
     kf, vf = keys.to(acc).unsqueeze(2), values.to(acc).unsqueeze(2)  # (B, Hkv, 1, M, D)
     out = torch.zeros((batch, heads, t, dim), dtype=acc, device=q.device)
-    step = max(1, WEIGHT_BUDGET // max(1, heads * m))
+    step = max(1, WEIGHT_BUDGET // max(1, batch * heads * m))  # queries per chunk
     for lo in range(0, t, step):
         hi = min(t, lo + step)
         qpos = torch.arange(first + lo, first + hi, device=q.device)
