@@ -237,3 +237,14 @@ def test_an_unavailable_backend_says_why(monkeypatch):
     q, k, v = _inputs(1, 2, 2, 3, 8, dtype=torch.float32)
     with pytest.raises(BackendError, match="needs a CUDA device"):
         cache.attend(q, k, v)
+
+
+def test_long_chunks_are_split_by_the_budget(monkeypatch):
+    from spattn.runtime import decode
+
+    monkeypatch.setattr(decode, "WEIGHT_BUDGET", 5000)  # a query or two per chunk
+    q, k, v = _inputs(2, 4, 2, 200, 8)
+    full = spattn.attention(q, k, v, LONGNET_256)
+    cache = spattn.KVCache(LONGNET_256)
+    for length, out in _decode(cache, q, k, v, [7, 150, 43]):
+        torch.testing.assert_close(out, full[:, :, :length], rtol=1e-12, atol=1e-12)
