@@ -79,8 +79,8 @@ class Block(nn.Module):
         self.attn = MultiheadDilatedAttention(dim, heads, pattern, backend=backend)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, cache: spattn.KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache=cache)
         return x + self.mlp(self.ln2(x))
 
 
@@ -97,11 +97,34 @@ class TinyLM(nn.Module):
         nn.init.normal_(self.tok.weight, std=0.02)
         nn.init.normal_(self.pos.weight, std=0.02)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
-        for block in self.blocks:
-            x = block(x)
+    def forward(self, idx: torch.Tensor, caches: list[spattn.KVCache] | None = None,
+                start: int = 0) -> torch.Tensor:
+        """Logits of the tokens `idx` at positions start, start + 1, ...; with one KVCache per
+        layer, `idx` continues the sequence those caches have seen."""
+        x = self.tok(idx) + self.pos(torch.arange(start, start + idx.shape[1], device=idx.device))
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i])
         return self.head(self.ln(x))
+
+
+@torch.no_grad()
+def generate(model: TinyLM, prompt: torch.Tensor, count: int, temperature: float = 0.7,
+             seed: int = 0) -> tuple[list[int], float]:
+    """Sample `count` bytes after `prompt` (1-D), one KVCache per layer. Returns the bytes and
+    the largest difference between the decoded logits and those of a full forward."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    caches = [block.attn.new_cache() for block in model.blocks]
+    logits = [model(prompt[None], caches)[0, -1]]
+    tokens = prompt.tolist()
+    for _ in range(count):
+        probs = torch.softmax(logits[-1].float().cpu() / temperature, dim=-1)
+        tokens.append(int(torch.multinomial(probs, 1, generator=gen)))
+        logits.append(model(torch.tensor([[tokens[-1]]], device=prompt.device), caches,
+                            start=len(tokens) - 1)[0, -1])
+    full = model(torch.tensor([tokens], device=prompt.device))[0, len(prompt) - 1:]
+    model.train()
+    return tokens[len(prompt):], (torch.stack(logits) - full).abs().max().item()
 
 
 def batch(data: torch.Tensor, starts: torch.Tensor, context: int,
@@ -141,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-every", type=int, default=50, help="print every N steps")
     parser.add_argument("--eval-windows", type=int, default=48,
                         help="windows of --context bytes in each fixed evaluation set")
+    parser.add_argument("--generate", type=int, default=300,
+                        help="bytes to generate at the end, after a prompt from held-out text")
     args = parser.parse_args(argv)
     t_start = time.perf_counter()
 
@@ -210,6 +235,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"summary: train loss {start_train:.4f} -> {end_train:.4f}, val loss {start_val:.4f} "
           f"-> {end_val:.4f}, {args.steps} steps, {args.steps * args.batch * args.context:,} "
           f"tokens, {train_time:.1f} s training, {wall:.1f} s wall (with data and evaluation)")
+    count = min(args.generate, args.context - 48)
+    if count > 0:
+        line = int((val[:-48] == ord("\n")).nonzero()[0]) + 1  # a prompt from a line start
+        prompt = val[line:line + 48].to(device)
+        started = time.perf_counter()
+        tokens, diff = generate(model, prompt, count, seed=args.seed)
+        seconds = time.perf_counter() - started
+        text = bytes(tokens).decode("utf-8", errors="replace")
+        print(f"generated {count} bytes (temperature 0.7) with a KVCache per layer in "
+              f"{seconds:.1f} s (logits within {diff:.1e} of a full forward); prompt|continuation:")
+        print(bytes(prompt.tolist()).decode("utf-8", errors="replace") + "|" + text)
 
 
 if __name__ == "__main__":

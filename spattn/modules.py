@@ -5,7 +5,8 @@
 - `MultiheadDilatedAttention(embed_dim, num_heads, pattern)`: a drop-in for
   `nn.MultiheadAttention(batch_first=True)` over (B, N, E) inputs, with the query, key, value and
   output projections, grouped-query attention (`kv_heads < num_heads`) and the sparse pattern in
-  place of dense attention. It returns the output tensor only (no attention weights).
+  place of dense attention. It returns the output tensor only (no attention weights). With a
+  `cache=module.new_cache()` it decodes a sequence a few tokens at a time (`spattn.KVCache`).
 
 Both take a `Pattern`, a built-in pattern name or a YAML path, loaded once at construction.
 Configuration mistakes raise `ModuleError` (a `SpattnError` and a `ValueError`) saying what was
@@ -24,6 +25,7 @@ from spattn.errors import SpattnError
 from spattn.patterns.loader import load_pattern
 from spattn.patterns.spec import Pattern
 from spattn.runtime import attention
+from spattn.runtime.decode import KVCache
 
 PatternLike = Pattern | str | os.PathLike[str]
 
@@ -182,19 +184,30 @@ class MultiheadDilatedAttention(nn.Module):
             raise ModuleError(f"{name}'s last dimension must be embed_dim = {self.embed_dim}, "
                               f"got shape {tuple(x.shape)}")
 
+    def new_cache(self) -> KVCache:
+        """A KVCache for decoding with this module (its pattern, backend and scale)."""
+        return KVCache(self.pattern, backend=self.attn.backend, scale=self.attn.scale)
+
     def forward(self, query: torch.Tensor, key: torch.Tensor | None = None,
                 value: torch.Tensor | None = None, *,
                 key_padding_mask: torch.Tensor | None = None,
-                seq_lens: list[int] | torch.Tensor | None = None) -> torch.Tensor:
+                seq_lens: list[int] | torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """Attend `query` over `key`/`value` (default: `query`, self-attention).
 
         Shapes are (B, N, E) (or (N, B, E) with batch_first=False); returns the same shape.
         `key_padding_mask` (B, N) is True at padding, as in `nn.MultiheadAttention` (each row's
         real tokens one contiguous run; padding rows come out as the output projection's bias);
-        `seq_lens` packs several sequences along N.
+        `seq_lens` packs several sequences along N. With a `cache` (from `new_cache()`), `query`
+        is the next tokens of a sequence decoded so far (self-attention, no autograd), and the
+        output is their rows of the full causal forward.
         """
         if (key is None) != (value is None):
             raise ModuleError("give both key and value, or neither (self-attention)")
+        if cache is not None and (key is not None or key_padding_mask is not None
+                                  or seq_lens is not None):
+            raise ModuleError("a cache decodes self-attention of one sequence per batch row: "
+                              "no key/value, key_padding_mask or seq_lens")
         self._check_input("query", query)
         if key is None:
             key = value = query
@@ -211,7 +224,10 @@ class MultiheadDilatedAttention(nn.Module):
         q = self.q_proj(query).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(key).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(value).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        out = self.attn(q, k, v, key_padding_mask=key_padding_mask, seq_lens=seq_lens)
+        if cache is not None:
+            out = cache.attend(q, k, v)
+        else:
+            out = self.attn(q, k, v, key_padding_mask=key_padding_mask, seq_lens=seq_lens)
         out = self.out_proj(out.transpose(1, 2).reshape(b, n, self.embed_dim))
         return out if self.batch_first else out.transpose(0, 1)
 

@@ -50,3 +50,16 @@ def test_decode_example_agrees_with_the_forward_and_stays_in_bound():
     most, bound = map(int, re.search(r"held at most ([\d,]+) tokens \(bound ([\d,]+)\)",
                                      done.stdout).group(1, 2))
     assert most == bound < 512  # longnet-lm / 64: segments 32 ... 512, passed twice
+
+
+def test_tiny_lm_trains_and_generates_with_kv_caches():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train_tiny_lm.py"), "--steps", "6",
+         "--context", "128", "--batch", "2", "--eval-windows", "2", "--log-every", "3",
+         "--generate", "40"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    losses = re.search(r"train loss ([\d.]+) -> ([\d.]+)", done.stdout)
+    assert float(losses.group(2)) < float(losses.group(1))
+    diff = re.search(r"generated 40 bytes .*logits within ([\d.e+-]+) of a full",
+                     done.stdout)
+    assert diff and float(diff.group(1)) < 1e-4, done.stdout

@@ -188,3 +188,20 @@ def test_forward_input_errors(args, message):
     m = MultiheadDilatedAttention(32, 4, "dense-causal")
     with pytest.raises(ModuleError, match=message):
         m(*args)
+
+
+def test_decoding_through_the_module_matches_its_full_forward():
+    pattern = spattn.Pattern.model_validate({
+        "name": "lm", "causal": True,
+        "branches": [{"segment": 8, "dilation": 1}, {"segment": 32, "dilation": 4}]})
+    torch.manual_seed(0)
+    mha = spattn.MultiheadDilatedAttention(32, 4, pattern, kv_heads=2).double()
+    x = torch.randn(2, 70, 32, dtype=torch.float64)
+    full = mha(x)
+    cache = mha.new_cache()
+    steps = [mha(x[:, :10], cache=cache)] + [mha(x[:, i:i + 1], cache=cache)
+                                             for i in range(10, 70)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-12, atol=1e-12)
+    assert cache.seen == 70 and cache.kept <= cache.bound
+    with pytest.raises(spattn.ModuleError, match="a cache decodes self-attention"):
+        mha(x[:, :1], x[:, :1], x[:, :1], cache=cache)
