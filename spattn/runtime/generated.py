@@ -98,13 +98,13 @@ def _tokens_cached(tokens: tuple[int, ...], n: int, device: str
     return index.to(torch.int32), is_global
 
 
-# a branch as the union tables need it: (dilation or None, explicit offsets or None, global
+# a branch as the pair tables need it: (dilation or None, explicit offsets or None, global
 # tokens, random (block, draws, seed) or None)
 _Branch = tuple[int | None, tuple[int, ...] | None, tuple[int, ...], tuple[int, int, int] | None]
 
 
 @lru_cache(maxsize=64)
-def _union_cached(branches: tuple[_Branch, ...], mode: str, heads: int, n: int, causal: bool,
+def _pair_tables_cached(branches: tuple[_Branch, ...], mode: str, heads: int, n: int, causal: bool,
                   device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     offsets = torch.zeros((len(branches), heads), dtype=torch.int32)
     flags = torch.zeros((len(branches), max(n, 1)), dtype=torch.int8)
@@ -123,7 +123,7 @@ def _union_cached(branches: tuple[_Branch, ...], mode: str, heads: int, n: int, 
 
 
 def pair_tables(pattern: dict, heads: int, n: int, device: torch.device
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What the kernels' _pairs_given reads to tell which branches give a pair (union overlap,
     decoding): every branch's per-head offsets (branches, H) int32, global-token flags
     (branches, N) int8, and random draws (branches, H, ceil(N / smallest block), most draws)
@@ -132,7 +132,7 @@ def pair_tables(pattern: dict, heads: int, n: int, device: torch.device
                       tuple(b.get("tokens", ())),
                       (b["block"], b["blocks"], b["seed"]) if b["kind"] == "random" else None)
                      for b in pattern["branches"])
-    return _union_cached(branches, pattern["head_offsets"], heads, n, pattern["causal"],
+    return _pair_tables_cached(branches, pattern["head_offsets"], heads, n, pattern["causal"],
                          str(device))
 
 
