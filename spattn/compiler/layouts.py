@@ -21,6 +21,7 @@ import torch
 
 from spattn.compiler.tiles import Band, TokenTiles
 from spattn.errors import SpattnError
+from spattn.patterns.arrays import ragged
 from spattn.patterns.counting import count_pairs
 from spattn.patterns.geometry import (
     Dense,
@@ -144,29 +145,17 @@ def _dilated_ranges(g: Dilated, head: int, n: int, causal: bool, block: int) -> 
     if r <= block:
         # Kept rows are at most `block` apart, so every tile between two of them holds one: the
         # segment's row tiles are contiguous, and so are the key tiles each of them reaches.
-        pieces = last // block - first // block + 1
-        seg = np.repeat(np.arange(len(first)), pieces)
-        row = first[seg] // block + np.arange(len(seg)) - np.repeat(np.cumsum(pieces) - pieces,
-                                                                    pieces)
+        seg, index = ragged(last // block - first // block + 1)
+        row = first[seg] // block + index
         top = np.minimum((row + 1) * block - 1, last[seg])  # last position of the row tile
         reach = first[seg] + r * ((top - first[seg]) // r) if causal else last[seg]
         return row, first[seg] // block, reach // block + 1
     # r > block: every kept row (and key) has a tile of its own, so tiles = pairs of kept rows.
-    seg = np.repeat(np.arange(len(first)), m)
-    i = np.arange(len(seg)) - np.repeat(np.cumsum(m) - m, m)  # row index in its segment
-    keys = i + 1 if causal else m[seg]
-    pair = np.repeat(np.arange(len(seg)), keys)
-    j = np.arange(len(pair)) - np.repeat(np.cumsum(keys) - keys, keys)
+    seg, i = ragged(m)  # i: row index in its segment
+    pair, j = ragged(i + 1 if causal else m[seg])
     row = (first[seg] + r * i)[pair] // block
     col = (first[seg][pair] + r * j) // block
     return row, col, col + 1
-
-
-def _expand(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For items with `counts` pieces each: every piece's item and its index within the item."""
-    item = np.repeat(np.arange(len(counts)), counts)
-    return item, np.arange(len(item), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts,
-                                                                  counts)
 
 
 def _strided_ranges(g: Strided, n: int, causal: bool, block: int) -> Ranges:
@@ -179,7 +168,7 @@ def _strided_ranges(g: Strided, n: int, causal: bool, block: int) -> Ranges:
     t_lo = np.zeros_like(a0) if causal else -((n - 1 - a0) // stride)  # keys <= N - 1
     t_hi = a1 // stride  # keys >= 0
     joined = a1 - a0 + 1 >= stride
-    row, index = _expand(np.where(joined, 1, t_hi - t_lo + 1))
+    row, index = ragged(np.where(joined, 1, t_hi - t_lo + 1))
     t_a = t_lo[row] + np.where(joined[row], 0, index)
     t_b = np.where(joined[row], t_hi[row], t_a)
     keys_lo = np.maximum(a0[row] - t_b * stride, 0)
@@ -195,7 +184,7 @@ def _random_ranges(g: RandomBlocks, table: np.ndarray, n: int, causal: bool, blo
     i, slot = np.nonzero(table >= 0)
     j = table[i, slot]
     q_end = np.minimum((i + 1) * b, n)  # block i is [i*b, q_end)
-    entry, index = _expand((q_end - 1) // block - (i * b) // block + 1)
+    entry, index = ragged((q_end - 1) // block - (i * b) // block + 1)
     row = (i[entry] * b) // block + index
     keys_hi = np.minimum((j[entry] + 1) * b, n) - 1
     if causal:

@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from spattn.patterns.arrays import ragged
+
 KINDS = (None, "full", "partial")
 
 
@@ -40,10 +42,8 @@ def _ceil_div(a: int, b: int) -> int:
 
 def _expand(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every (row, col) with lo <= col <= hi, row by row."""
-    count = np.maximum(hi - lo + 1, 0)
-    first = np.cumsum(count) - count
-    index = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(first, count)
-    return np.repeat(rows, count), np.repeat(lo, count) + index
+    item, index = ragged(np.maximum(hi - lo + 1, 0))
+    return rows[item], lo[item] + index
 
 
 @dataclass(frozen=True)
@@ -281,9 +281,7 @@ class BlockPairs:
         grids = self._grids
         sizes = np.array([len(g.rows) for g in grids], dtype=np.int64)
         starts = np.cumsum(sizes) - sizes
-        count = sizes[code]
-        entry = np.repeat(np.arange(len(code)), count)
-        local = np.arange(len(entry), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
+        entry, local = ragged(sizes[code])
         pick = starts[code][entry] + local
         rows, cols, full = (np.concatenate(parts) for parts in zip(*grids, strict=True))
         return BlockTileList(heads[entry], i[entry], j[entry], rows[pick], cols[pick],

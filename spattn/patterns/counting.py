@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from spattn.patterns.arrays import ragged
 from spattn.patterns.geometry import (
     Dense,
     Dilated,
@@ -247,12 +248,11 @@ Cells = tuple[np.ndarray, np.ndarray, np.ndarray, int, int | None]
 def _split(x: np.ndarray, y: np.ndarray, c: np.ndarray, w: int
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cut every cell [x, y) at the multiples of w inside it."""
-    pieces = (y - 1) // w - x // w + 1
-    first = np.repeat(x, pieces)
-    index = np.arange(len(first)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    cell, index = ragged((y - 1) // w - x // w + 1)
+    first = x[cell]
     start = np.where(index == 0, first, (first // w + index) * w)
-    end = np.minimum(np.repeat(y, pieces), (start // w + 1) * w)
-    return start, end, np.repeat(c, pieces)
+    end = np.minimum(y[cell], (start // w + 1) * w)
+    return start, end, c[cell]
 
 
 def _residue_classes(x: np.ndarray, y: np.ndarray, c: np.ndarray, step: int, stride: int,
@@ -265,10 +265,9 @@ def _residue_classes(x: np.ndarray, y: np.ndarray, c: np.ndarray, step: int, str
     classes = stride // math.gcd(step, stride)
     kept = np.minimum(_progression_count(x, y, c, step), classes)
     first = x + (c - x) % step  # the cell's first point
-    index = np.arange(kept.sum()) - np.repeat(np.cumsum(kept) - kept, kept)
+    cell, index = ragged(kept)
     lcm = step * classes
-    c2 = (np.repeat(first, kept) + step * index) % lcm
-    return np.repeat(x, kept), np.repeat(y, kept), c2, lcm
+    return x[cell], y[cell], (first[cell] + step * index) % lcm, lcm
 
 
 def _cell_pairs(m: np.ndarray, step: int, window: int | None, causal: bool) -> int:
@@ -363,9 +362,8 @@ def _random_beyond(symmetric: Sequence[Geometry], progressions: Sequence[Progres
     near = _may_meet(symmetric, a, a2, lo, hi)
     total = int(_tile_size(a[~near], a2[~near], lo[~near], hi[~near], causal).sum())
     a, a2, lo, hi = a[near], a2[near], lo[near], hi[near]
-    rows = a2 - a
-    tile = np.repeat(np.arange(len(a)), rows)
-    pos = a[tile] + np.arange(len(tile)) - np.repeat(np.cumsum(rows) - rows, rows)
+    tile, row = ragged(a2 - a)
+    pos = a[tile] + row
     runs = (np.arange(len(pos)), lo[tile], hi[tile])
     return total + _runs_beyond(progressions, pos, runs, 0, pos + 1 if causal else n, n)
 
@@ -441,8 +439,8 @@ def _query_runs(randoms: Sequence[RandomBlocks], head: int, keys: np.ndarray, n:
         key_block, query_block = key_block[order], query_block[order]
         first = np.searchsorted(key_block, keys // g.block, "left")
         count = np.searchsorted(key_block, keys // g.block, "right") - first
-        owner = np.repeat(np.arange(len(keys)), count)
-        entry = np.arange(count.sum()) + np.repeat(first - (np.cumsum(count) - count), count)
+        owner, index = ragged(count)
+        entry = first[owner] + index
         lo = query_block[entry] * g.block
         parts.append((owner, lo, np.minimum(lo + g.block, n)))
     return _disjoint(parts, n)
