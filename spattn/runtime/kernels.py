@@ -21,6 +21,18 @@ def _fused(device: torch.device, force_math: bool) -> bool:
     return device.type == "cpu" and not force_math
 
 
+def unit_stride_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors with stride 1 along their last dimension (copied only where it is not).
+
+    torch's fused CPU attention reads each row's D elements as if contiguous and silently
+    returns wrong values for any other last-dimension stride (x[..., ::2], an unbound trailing
+    axis, a transposed (B, H, D, N) key); every other stride (expanded, transposed N and H,
+    sliced) it takes as it is.
+    """
+    return tuple(t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+                 for t in tensors)
+
+
 def _additive(allowed: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """A bool mask (S, Mq, Mk) as the additive float mask (1, S, Mq, Mk) the kernels take."""
     if allowed is None:
@@ -37,6 +49,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, caus
     Rows with no allowed key get O = 0 and LSE = -inf.
     """
     if _fused(q.device, force_math):
+        q, k, v = unit_stride_rows(q, k, v)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, attn_mask=_additive(allowed, q.dtype), scale=scale)
     else:
@@ -54,6 +67,7 @@ def attend_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     # a row no piece gave any key has LSE = -inf; +inf makes its P = exp(S - LSE) exactly 0
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
     if _fused(q.device, force_math):
+        do, q, k, v, out = unit_stride_rows(do, q, k, v, out)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             do, q, k, v, out, lse.contiguous(), 0.0, causal,
             attn_mask=_additive(allowed, q.dtype), scale=scale)
