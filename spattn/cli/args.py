@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import math
+
+from spattn.limits import MAX_SIZE
 
 
 def positive(text: str) -> int:
-    """An integer >= 1; 1_000_000 and 1e6 work too."""
+    """An integer in [1, 2^40]; 1_000_000 and 1e6 work too."""
+    expected = f"expected an integer from 1 to {MAX_SIZE:,} (2^40), got {text[:40]!r}"
     try:
         value = int(text)
     except ValueError:
         try:
-            value = float(text)
+            number = float(text)
         except ValueError:
-            value = None
-        if value is None or not value.is_integer():
-            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-        value = int(value)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+            number = math.nan
+        if not number.is_integer():  # nan and inf are not
+            raise argparse.ArgumentTypeError(expected) from None
+        value = int(number)
+    if not 1 <= value <= MAX_SIZE:
+        raise argparse.ArgumentTypeError(expected)
     return value
 
 

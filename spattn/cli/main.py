@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -36,11 +37,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except SpattnError as error:
-        print(f"spattn: error: {error}", file=sys.stderr)
-        return 2
+        return _fail(str(error))
     except KeyboardInterrupt:
         print("spattn: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `spattn inspect ... | head`: the reader left, nothing to say
+        sys.stderr.close()
+        return 0
+    except (OSError, MemoryError, RecursionError, OverflowError) as error:
+        # the machine, not the input's form: a full disk, a folder we cannot write, too little
+        # memory for the sizes asked for
+        return _fail(_describe(error))
+    except Exception as error:  # a bug in spattn: still one line, the traceback on request
+        if os.environ.get("SPATTN_DEBUG"):
+            raise
+        return _fail(f"internal error ({_describe(error)}); this is a bug in spattn, please "
+                     f"report it (SPATTN_DEBUG=1 shows the traceback)")
+
+
+MESSAGE_LIMIT = 400  # characters of one error line
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror}"
+    if isinstance(error, MemoryError):
+        return "out of memory for the sizes asked for"
+    if isinstance(error, RecursionError):
+        return "input nested too deeply"
+    return f"{type(error).__name__}: {error}"
+
+
+def _fail(message: str) -> int:
+    """One line on stderr, exit status 2."""
+    line = " ".join(message.split())
+    if len(line) > MESSAGE_LIMIT:
+        line = line[: MESSAGE_LIMIT - 3] + "..."
+    print(f"spattn: error: {line}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
