@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from spattn.errors import SpattnError
+from spattn.limits import check_scale
 from spattn.patterns.loader import load_pattern
 from spattn.patterns.spec import Pattern
 from spattn.runtime import attention
@@ -62,7 +63,7 @@ class DilatedAttention(nn.Module):
                  backend: str | None = None) -> None:
         super().__init__()
         self.pattern: Pattern = _as_pattern(pattern)
-        self.scale = scale
+        self.scale = None if scale is None else check_scale(scale)
         self.backend = backend
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,

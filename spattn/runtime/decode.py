@@ -14,18 +14,23 @@ backend it is the pattern's generated decode kernel (`decode_attention` in the e
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 from spattn.errors import SpattnError
+from spattn.limits import check_scale
 from spattn.patterns.geometry import resolve
 from spattn.patterns.loader import load_pattern
 from spattn.patterns.retention import cache_bound, last_use
 from spattn.patterns.spec import Pattern
 from spattn.runtime import triton_backend
-from spattn.runtime.dispatch import InputError, attention, check_tensors, pick_backend
+from spattn.runtime.dispatch import (
+    InputError,
+    attention,
+    check_tensors,
+    pick_backend,
+    resolve_scale,
+)
 from spattn.runtime.generated import table_length
 
 WEIGHT_BUDGET = 1 << 24  # (batch, head, query, key) scores the PyTorch path builds at once
@@ -85,7 +90,8 @@ class KVCache:
         if not self.pattern.causal:
             raise SpattnError(f"pattern '{self.pattern.name}' is not causal: decoding needs a "
                               f"causal pattern (a query must not see keys that have not arrived)")
-        self.backend, self.scale = backend, scale
+        self.backend = backend
+        self.scale = None if scale is None else check_scale(scale)
         self.seen = 0  # tokens attended so far
         self.keys: torch.Tensor | None = None  # (B, Hkv, kept, D)
         self.values: torch.Tensor | None = None
@@ -144,8 +150,7 @@ class KVCache:
         (B, Hkv, T, D): rows seen .. seen+T-1 of the full causal forward."""
         call = check_tensors(q, k, v)
         self._check_shape(call)
-        scale = self.scale if self.scale is not None else (
-            self.pattern.softmax_scale or 1.0 / math.sqrt(call.head_dim))
+        scale = resolve_scale(self.pattern, self.scale, call.head_dim)
         first, t = self.seen, call.seq_len
         if t == 0:
             return q.new_zeros(q.shape)

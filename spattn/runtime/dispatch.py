@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from spattn.errors import SpattnError
+from spattn.limits import check_scale
 from spattn.patterns.loader import load_pattern
 from spattn.patterns.spec import Pattern
 from spattn.runtime import ops, varlen
@@ -100,6 +101,9 @@ def check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Call:
         raise InputError(f"k and v must have the same shape, got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")
     hkv = k.shape[1]
+    if h < 1 or d < 1:
+        raise InputError(f"q must have at least one head and head_dim >= 1, got shape "
+                         f"{tuple(q.shape)}")
     if (k.shape[0], k.shape[2], k.shape[3]) != (b, n, d):
         raise InputError(f"k and v must be (B={b}, Hkv, N={n}, D={d}) to match q "
                          f"{tuple(q.shape)}, got {tuple(k.shape)}")
@@ -135,9 +139,16 @@ def _choose(pattern: Pattern, sizes: tuple[int, int, int, int, int], dtype: torc
     call = Call(*sizes, dtype, device, needs_grad)
     check_fixed(call, pattern.name, pattern.heads, pattern.kv_heads, pattern.head_dim,
                 pattern.required_heads())
+    return (pick_backend(call, pattern, backend), ops.register(pattern),
+            resolve_scale(pattern, scale, call.head_dim))
+
+
+def resolve_scale(pattern: Pattern, scale: object, head_dim: int) -> float:
+    """The softmax scale of a call: `scale` if given, else the pattern's `softmax_scale`, else
+    1/sqrt(D); a finite number > 0 (spattn.limits.check_scale) or a clear error."""
     if scale is None:
-        scale = pattern.softmax_scale or 1.0 / math.sqrt(call.head_dim)
-    return pick_backend(call, pattern, backend), ops.register(pattern), float(scale)
+        scale = pattern.softmax_scale or 1.0 / math.sqrt(head_dim)
+    return check_scale(scale)
 
 
 def pick_backend(call: Call, pattern: Pattern, backend: str | None) -> str:
@@ -185,8 +196,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     sizes = (call.batch, call.heads, call.kv_heads, call.seq_len, call.head_dim)
     name, key, scale = _choose(pattern, sizes, call.dtype, call.device, call.needs_grad, backend,
                                scale)
-    if call.seq_len == 0:
-        return q.new_zeros(q.shape).requires_grad_(call.needs_grad)
+    if call.seq_len == 0 or call.batch == 0:
+        return q.new_zeros(q.shape) + varlen.connected_zero(q, k, v)
     return BACKENDS[name].run(q, k, v, key, scale)
 
 

@@ -12,7 +12,8 @@ through the chosen backend as a view of the packed tensors; autograd joins the p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -26,26 +27,32 @@ class VarlenError(SpattnError, ValueError):
 Bounds = list[tuple[int, int]]  # [start, end) of each sequence along N
 
 
-def _ints(name: str, values: Sequence[int] | torch.Tensor) -> list[int]:
+def _ints(name: str, values: Iterable[int] | torch.Tensor) -> list[int]:
+    """The values as a list of ints, read once (a generator works too)."""
     if isinstance(values, torch.Tensor):
         if values.dim() != 1 or values.dtype in (torch.bool,) or values.is_floating_point():
             raise VarlenError(f"{name} must be a 1-D integer tensor or a list of ints, got "
                               f"{values.dtype} of shape {tuple(values.shape)}")
         return [int(x) for x in values.tolist()]
-    if not all(isinstance(x, int) and not isinstance(x, bool) for x in values):
-        raise VarlenError(f"{name} must hold ints, got {list(values)!r}")
-    return list(values)
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise VarlenError(f"{name} must be a list of ints or a 1-D integer tensor, got "
+                          f"{type(values).__name__}")
+    values = list(values)
+    bad = [x for x in values if isinstance(x, bool) or not isinstance(x, numbers.Integral)]
+    if bad:
+        raise VarlenError(f"{name} must hold ints, got {bad[0]!r} ({type(bad[0]).__name__})")
+    return [int(x) for x in values]
 
 
-def packed_bounds(n: int, seq_lens: Sequence[int] | torch.Tensor | None = None,
-                  cu_seqlens: Sequence[int] | torch.Tensor | None = None) -> Bounds:
+def packed_bounds(n: int, seq_lens: Iterable[int] | torch.Tensor | None = None,
+                  cu_seqlens: Iterable[int] | torch.Tensor | None = None) -> Bounds:
     """[start, end) of every packed sequence, checked against the tensors' N."""
     if (seq_lens is None) == (cu_seqlens is None):
         raise VarlenError("give seq_lens or cu_seqlens, not both")
     if seq_lens is not None:
         lengths = _ints("seq_lens", seq_lens)
         if not lengths or min(lengths) < 1:
-            raise VarlenError(f"seq_lens must be positive lengths, got {lengths}")
+            raise VarlenError(f"seq_lens must be positive lengths, got {_brief(lengths)}")
         offsets = [0]
         for length in lengths:
             offsets.append(offsets[-1] + length)
@@ -56,10 +63,17 @@ def packed_bounds(n: int, seq_lens: Sequence[int] | torch.Tensor | None = None,
         offsets = _ints("cu_seqlens", cu_seqlens)
         if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != n:
             raise VarlenError(f"cu_seqlens must run from 0 to N = {n} (one more entry than "
-                              f"there are sequences), got {offsets}")
+                              f"there are sequences), got {_brief(offsets)}")
         if any(b <= a for a, b in zip(offsets, offsets[1:], strict=False)):
-            raise VarlenError(f"cu_seqlens must be strictly increasing, got {offsets}")
+            raise VarlenError(f"cu_seqlens must be strictly increasing, got {_brief(offsets)}")
     return list(zip(offsets, offsets[1:], strict=False))
+
+
+def _brief(values: list[int], most: int = 8) -> str:
+    """A list for an error message, cut after `most` entries."""
+    if len(values) <= most:
+        return str(values)
+    return f"[{', '.join(map(str, values[:most]))}, ... ({len(values)} in all)]"
 
 
 def padding_bounds(mask: torch.Tensor, batch: int, n: int) -> Bounds:
@@ -89,6 +103,12 @@ def padding_bounds(mask: torch.Tensor, batch: int, n: int) -> Bounds:
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def connected_zero(*tensors: torch.Tensor) -> torch.Tensor:
+    """An exact 0 that autograd links to every tensor (an empty slice's sum): added to an
+    output made only of zeros, it gives the inputs zero gradients instead of none at all."""
+    return sum(t[..., :0].sum() for t in tensors)
+
+
 def packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: Bounds,
            attend: Attend) -> torch.Tensor:
     """Each packed sequence attended on its own, joined along N."""
@@ -106,4 +126,7 @@ def padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: Bounds,
                                  v[row:row + 1, :, a:b]))
         pieces.append(q.new_zeros(1, q.shape[1], q.shape[2] - max(a, b), q.shape[3]))
         rows.append(torch.cat(pieces, 2))
-    return torch.cat(rows, 0)
+    out = torch.cat(rows, 0)
+    if not out.requires_grad and torch.is_grad_enabled():  # every row padding: zero gradients
+        out = out + connected_zero(q, k, v)
+    return out
