@@ -7,9 +7,9 @@ constexprs. Same pattern and versions in, byte-identical module out.
 
 from __future__ import annotations
 
+import hashlib
 import os
-import re
-import tempfile
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -18,6 +18,8 @@ import triton
 from pydantic import ValidationError
 
 import spattn
+from spattn.compiler.files import write_atomically
+from spattn.compiler.names import module_name
 from spattn.errors import SpattnError
 from spattn.patterns.spec import (
     DenseBranch,
@@ -28,12 +30,15 @@ from spattn.patterns.spec import (
     StridedBranch,
     WindowBranch,
 )
+from spattn.runtime.generated import MAX_TOKENS
 
+__all__ = ["compile_module", "emitter_key", "module_name", "read_header", "render", "specialize",
+           "write_atomically"]
 
-def module_name(pattern: Pattern) -> str:
-    """A valid Python module name from the pattern's name: longnet-lm -> longnet_lm."""
-    name = re.sub(r"\W", "_", pattern.name)
-    return name if name[0].isalpha() else f"p_{name}"
+# Sizes become int32 kernel constants. Any size >= N acts as N (SEMANTICS: w' = min(w, N)), so
+# sizes are capped here: exact for every N up to the cap (the launcher refuses longer inputs),
+# and small enough that `position + size` never leaves int32.
+SIZE_CAP = MAX_TOKENS
 
 
 def specialize(pattern: Pattern, heads: int | None = None, kv_heads: int | None = None,
@@ -52,19 +57,28 @@ def specialize(pattern: Pattern, heads: int | None = None, kv_heads: int | None 
         raise SpattnError(f"pattern '{pattern.name}': {field}: {message}") from None
 
 
+def _size(value: int) -> int:
+    return min(value, SIZE_CAP)
+
+
 def _branch(branch: object) -> dict:
+    """A branch as the templates print it. A dilation past the cap keeps its meaning: the head
+    offsets it gives (h mod r, h // ceil(H / r)) are the same for r = 2^30 while H < 2^30."""
     if isinstance(branch, DilatedBranch):
-        return {"kind": "dilated", "segment": branch.segment, "dilation": branch.dilation,
+        return {"kind": "dilated", "segment": _size(branch.segment),
+                "dilation": _size(branch.dilation),
                 "offsets": list(branch.offsets) if branch.offsets else None}
     if isinstance(branch, WindowBranch):
-        return {"kind": "window", "size": branch.window.size}
+        return {"kind": "window", "size": _size(branch.window.size)}
     if isinstance(branch, GlobalBranch):
-        return {"kind": "global", "tokens": sorted(set(branch.global_.tokens))}
+        return {"kind": "global", "tokens": sorted({t for t in branch.global_.tokens
+                                                    if t < SIZE_CAP})}
     if isinstance(branch, StridedBranch):
-        return {"kind": "strided", "stride": branch.strided.stride}
+        return {"kind": "strided", "stride": _size(branch.strided.stride)}
     if isinstance(branch, RandomBranch):
         spec = branch.random
-        return {"kind": "random", "block": spec.block, "blocks": spec.blocks, "seed": spec.seed}
+        return {"kind": "random", "block": _size(spec.block), "blocks": spec.blocks,
+                "seed": spec.seed}
     if isinstance(branch, DenseBranch):
         return {"kind": "dense"}
     raise TypeError(f"unknown branch {branch!r}")
@@ -97,12 +111,27 @@ def _random_table_shape(branches: list[dict]) -> dict[str, int]:
             "random_max_draws": max((b["blocks"] for b in random), default=1)}
 
 
-def render(pattern: Pattern) -> str:
-    """The module's source text."""
+@lru_cache(maxsize=1)
+def emitter_key() -> str:
+    """A hash of everything besides the pattern that shapes the emitted text: spattn, triton
+    and jinja2 versions, the templates and this file. The compile cache is keyed by it."""
+    digest = hashlib.sha256()
+    for part in (spattn.__version__, triton.__version__, jinja2.__version__):
+        digest.update(part.encode() + b"\0")
+    templates = resources.files("spattn.compiler").joinpath("templates")
+    for item in sorted(templates.iterdir(), key=lambda t: t.name):
+        digest.update(item.name.encode() + b"\0" + item.read_bytes() + b"\0")
+    digest.update(Path(__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def render(pattern: Pattern, module: str | None = None) -> str:
+    """The module's source text; `module` is the import name its docstring shows."""
     literal = pattern_literal(pattern)
     return _template("module.py.jinja").render(
-        name=pattern.name, module=module_name(pattern), pattern_hash=literal["hash"],
+        name=pattern.name, module=module or module_name(pattern), pattern_hash=literal["hash"],
         spattn_version=spattn.__version__, triton_version=triton.__version__,
+        emitter_key=emitter_key(),
         pattern_literal=repr(literal),
         kernels=_template("kernels.py.jinja").render(branches=literal["branches"],
                                                      **_random_table_shape(literal["branches"])),
@@ -111,23 +140,26 @@ def render(pattern: Pattern) -> str:
         union=pattern.overlap == "union")
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def read_header(path: Path) -> dict[str, str] | None:
+    """The `# spattn-KEY: VALUE` lines at the top of an emitted module ({"pattern": ...,
+    "hash": ..., "version": ...}); None if `path` is not a readable spattn module."""
+    header = {}
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with open(path, encoding="utf-8") as f:
+            for _, line in zip(range(40), f, strict=False):
+                if line.startswith("# spattn-") and ": " in line:
+                    key, value = line[len("# spattn-"):].rstrip("\n").split(": ", 1)
+                    header[key] = value
+    except (OSError, UnicodeDecodeError):
+        return None
+    return header if "pattern" in header and "hash" in header else None
 
 
-def compile_module(pattern: Pattern, out_dir: str | os.PathLike[str]) -> Path:
-    """Render `pattern` and write DIR/<name>.py atomically; returns the path."""
-    path = Path(out_dir) / f"{module_name(pattern)}.py"
-    write_atomically(path, render(pattern))
+def compile_module(pattern: Pattern, out_dir: str | os.PathLike[str], name: str | None = None
+                   ) -> Path:
+    """Render `pattern` and write DIR/<name>.py atomically (name: the pattern's module name by
+    default); returns the path."""
+    name = name or module_name(pattern)
+    path = Path(out_dir) / f"{name}.py"
+    write_atomically(path, render(pattern, name))
     return path
