@@ -5,26 +5,108 @@ module."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
+from spattn.limits import check_scale
 from spattn.patterns.blocks import random_blocks
 from spattn.patterns.geometry import head_offsets as _offsets
 from spattn.runtime.dispatch import Call, InputError, check_fixed, check_tensors
 
+__all__ = ["MAX_TOKENS", "check", "check_decode", "check_scale", "fit", "interpreter_problem",
+           "interpreter_state"]
 
-def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: dict
-          ) -> tuple[int, int, int, int, int]:
+# Positions are int32 in the kernels, and the sizes codegen prints are capped here (any size >= N
+# acts as N): the kernels take sequences up to this length.
+MAX_TOKENS = 1 << 30
+
+
+def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: dict,
+          kernel: object = None) -> tuple[int, int, int, int, int]:
     """(B, H, N, D, Hkv) after the same checks as spattn.attention, against the pattern's
-    fixed heads / kv_heads / head_dim."""
+    fixed heads / kv_heads / head_dim; `kernel` (one of the module's @triton.jit functions)
+    tells whether triton runs the module the way the tensors need (interpret.py)."""
     call = check_tensors(q, k, v)
     check_fixed(call, pattern["name"], pattern.get("heads"), pattern.get("kv_heads"),
                 pattern.get("head_dim"), pattern.get("offsets_heads"))
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise InputError(f"the generated kernels take float32, float16 or bfloat16, got {q.dtype}")
+    if call.seq_len > MAX_TOKENS:
+        raise InputError(f"the generated kernels take at most 2^30 tokens, got {call.seq_len}; "
+                         f"use backend='torch'")
+    _check_interpreter(q.device, kernel)
     return call.batch, call.heads, call.seq_len, call.head_dim, call.kv_heads
+
+
+@dataclass(frozen=True)
+class InterpreterState:
+    """Whether triton runs kernels on the interpreter. Triton 3.9 decides per @triton.jit
+    function, when it is decorated (runtime/jit.py reads knobs.runtime.interpret, i.e.
+    TRITON_INTERPRET): its own library functions when triton is imported, a generated module's
+    kernels when that module is imported. Interpreted kernels calling compiled library functions
+    fail ("Cannot call @triton.jit'd outside of the scope of a kernel"), compiled kernels on CPU
+    tensors fail ("0 active drivers")."""
+
+    requested: bool  # what TRITON_INTERPRET asks for now (what @triton.jit would do now)
+    active: bool | None  # the mode triton's library was made in; None: triton not imported yet
+
+    @property
+    def consistent(self) -> bool:
+        return self.active is None or self.active == self.requested
+
+
+def _interpreted(function: object) -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(function, InterpretedFunction)
+
+
+def interpreter_state() -> InterpreterState:
+    """Whether triton is actually in interpreter mode, and whether the environment agrees."""
+    triton = sys.modules.get("triton")
+    if triton is None or not hasattr(triton, "knobs"):
+        value = os.environ.get("TRITON_INTERPRET", "").lower()
+        return InterpreterState(value in ("1", "true", "on", "yes"), None)  # as triton reads it
+    from triton.language import standard
+
+    return InterpreterState(bool(triton.knobs.runtime.interpret), _interpreted(standard.cdiv))
+
+
+def interpreter_problem(device: torch.device, kernel: object = None) -> str | None:
+    """Why generated kernels cannot run on `device` in this process (None if they can): triton
+    in one mode and the kernels in the other, or compiled kernels and tensors off the GPU.
+    `kernel`: one of an already imported module's @triton.jit functions; without it, the
+    module imported next is judged (decorated as TRITON_INTERPRET says now)."""
+    state = interpreter_state()
+    interpreted = state.requested if kernel is None else _interpreted(kernel)
+    if state.active is not None and interpreted != state.active:
+        if interpreted:
+            return ("TRITON_INTERPRET=1 was set after triton was imported, so triton is not in "
+                    "interpreter mode; set it before importing torch, triton or spattn (e.g. in "
+                    "the shell: TRITON_INTERPRET=1 python ...)")
+        return ("TRITON_INTERPRET was unset after triton was imported in interpreter mode; set "
+                "it (or not) once, before importing torch, triton or spattn (e.g. in the shell)")
+    if not interpreted and device.type != "cuda":
+        return (f"these tensors are on {device.type}; the generated kernels need a CUDA device, "
+                f"or run with TRITON_INTERPRET=1 set before importing torch, triton or spattn "
+                f"(e.g. in the shell)")
+    return None
+
+
+def _check_interpreter(device: torch.device, kernel: object) -> None:
+    problem = interpreter_problem(device, kernel)
+    if problem:
+        raise InputError(problem)
+
+
+def fit(size: int, n: int) -> int:
+    """A size as a kernel constant for length n: sizes >= n all act as n, so a larger one becomes
+    the next power of two >= n (few distinct constants, so few recompiles)."""
+    return size if size <= n else min(size, 1 << max(0, n - 1).bit_length())
 
 
 def rows_contiguous(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -144,9 +226,10 @@ def table_length(n: int) -> int:
 
 
 def check_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                 first: int, pattern: dict) -> tuple[int, int, int, int, int, int]:
+                 first: int, pattern: dict, kernel: object = None
+                 ) -> tuple[int, int, int, int, int, int]:
     """(B, H, T, D, Hkv, M) of a decode call: q (B, H, T, D) new queries, k, v (B, Hkv, M, D)
-    cached keys at `positions` (M,), for a causal pattern."""
+    cached keys at `positions` (M,), for a causal pattern; `kernel` as for check."""
     if not pattern["causal"]:
         raise InputError(f"pattern '{pattern['name']}' is not causal: decoding needs a causal "
                          f"pattern (a query must not see keys that have not arrived)")
@@ -160,8 +243,8 @@ def check_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: t
     if positions.shape != (k.shape[2],):
         raise InputError(f"positions must be ({k.shape[2]},), one per cached key, got "
                          f"{tuple(positions.shape)}")
-    if first < 0 or first + t >= 2**31:
-        raise InputError(f"first must be in [0, 2^31 - T), got {first}")
+    if first < 0 or first + t > MAX_TOKENS:
+        raise InputError(f"first must be in [0, 2^30 - T], got {first}")
     call = Call(batch, heads, k.shape[1], t, dim, q.dtype, q.device, False)
     check_fixed(call, pattern["name"], pattern.get("heads"), pattern.get("kv_heads"),
                 pattern.get("head_dim"), pattern.get("offsets_heads"))
@@ -172,6 +255,7 @@ def check_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: t
     if q.stride(-1) != 1 or k.stride() != v.stride() or k.stride(-1) != 1:
         raise InputError("q, k and v need contiguous rows (stride 1 along D), k and v the same "
                          "strides")
+    _check_interpreter(q.device, kernel)
     return batch, heads, t, dim, k.shape[1], k.shape[2]
 
 
