@@ -18,6 +18,41 @@ MAX_BRANCHES = 256  # branches of one pattern, a geometric schedule's count incl
 MAX_YAML_BYTES = 1 << 20  # a pattern file
 MAX_YAML_NODES = 100_000  # YAML nodes after alias expansion
 MAX_YAML_DEPTH = 64  # nesting of YAML mappings and lists
+MAX_NAME_LENGTH = 64  # a pattern's name (it names files and modules)
+MAX_LIST_ITEMS = 2**16  # global tokens of one branch (offsets: one per head, MAX_HEADS)
+MAX_SEED = 2**63 - 1  # a random branch's seed
+MAX_WORK = 10**7  # array elements an analytic count, tile list, hop search or picture may touch
+
+
+class WorkLimitError(SpattnError, ValueError):
+    """A count, tile list, hop search or picture that would touch more than MAX_WORK elements."""
+
+
+def check_work(work: int, what: str, limit: int = MAX_WORK) -> None:
+    """A WorkLimitError saying `what` is too large to do exactly when `work` passes `limit`."""
+    if work > limit:
+        raise WorkLimitError(f"{what}: too large to compute exactly (about {_amount(work)} "
+                             f"elements of work, the limit is {_amount(limit)})")
+
+
+def bound_text(limit: int) -> str:
+    """A limit as people read it: '1099511627776 (2^40)', '9223372036854775807 (2^63 - 1)', '64'."""
+    for power, suffix in ((limit, ""), (limit + 1, " - 1")):
+        if power >= 2**16 and power & (power - 1) == 0:
+            return f"{limit} (2^{power.bit_length() - 1}{suffix})"
+    return str(limit)
+
+
+def short_int(value: int) -> str:
+    """An integer for an error message: its digits, or only how many there are when huge."""
+    if abs(value) < 10**30:
+        return str(value)
+    digits = math.floor(math.log10(abs(value))) + 1  # exact enough to tell the size
+    return f"an integer of {digits} digits"
+
+
+def _amount(work: int) -> str:
+    return f"{work:,}" if work < 10**15 else f"10^{math.floor(math.log10(work))}"
 
 
 class ScaleError(SpattnError, ValueError):

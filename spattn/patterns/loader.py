@@ -18,7 +18,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from spattn.errors import PatternError
-from spattn.patterns import spec
+from spattn.limits import MAX_YAML_BYTES, short_int
+from spattn.patterns import bounded_yaml, spec
+from spattn.patterns.bounded_yaml import clip as _clip
 from spattn.patterns.spec import Pattern
 
 if TYPE_CHECKING:
@@ -63,9 +65,10 @@ def load_pattern(path_or_name: str | os.PathLike[str]) -> Pattern:
     if os.path.exists(path):
         try:
             with open(path, "rb") as file:
-                data = file.read()
+                data = file.read(MAX_YAML_BYTES + 1)  # never more, whatever the file's size
         except OSError as error:
             raise PatternError(f"cannot read the file: {error.strerror}", source=path) from None
+        _check_size(len(data), path)
         return load_pattern_text(_decode(data, path), source=path)
     if path in builtin_names():
         return _load_builtin(path)
@@ -78,6 +81,9 @@ def load_pattern(path_or_name: str | os.PathLike[str]) -> Pattern:
 
 def load_pattern_text(text: str, source: str = "<string>") -> Pattern:
     """Validate a pattern written as YAML text; `source` names it in error messages."""
+    # Characters first: a string of more characters than the limit has more bytes too.
+    _check_size(len(text) if len(text) > MAX_YAML_BYTES else len(text.encode("utf-8", "replace")),
+                source)
     data, lines = _parse(text, source)
     try:
         return Pattern.model_validate(data)
@@ -104,6 +110,12 @@ def _error(message: str, source: str, field: str | None, line: int | None,
     return error
 
 
+def _check_size(size: int, source: str) -> None:
+    if size > MAX_YAML_BYTES:
+        raise _error(f"the pattern is larger than {MAX_YAML_BYTES:,} bytes; a pattern file is a "
+                     f"few lines", source, None, None)
+
+
 def _decode(data: bytes, source: str) -> str:
     try:
         return data.decode("utf-8")
@@ -116,9 +128,10 @@ def _decode(data: bytes, source: str) -> str:
 def _parse(text: str, source: str) -> tuple[dict[str, Any], dict[Loc, int]]:
     """The YAML document as a dict, and the 1-based line of every key and list item in it."""
     loader = None
+    paths: dict[int, Loc] = {}  # a node's first path, for errors found at the node
+    lines: dict[Loc, int] = {(): 1}
     try:
-        loader = yaml.SafeLoader(text)
-        node = loader.get_single_node()
+        loader, node = bounded_yaml.compose(text)
         if node is None:
             raise _error("the pattern is empty: expected a mapping with 'name' and 'branches'",
                          source, None, 1)
@@ -126,22 +139,28 @@ def _parse(text: str, source: str) -> tuple[dict[str, Any], dict[Loc, int]]:
             kind = "a list" if isinstance(node, yaml.SequenceNode) else "a single value"
             raise _error(f"expected a mapping (name: ..., branches: ...) at the top level, "
                          f"got {kind}", source, None, 1)
-        lines: dict[Loc, int] = {(): node.start_mark.line + 1}
-        _record_lines(node, (), lines, set(), source)
+        lines[()] = node.start_mark.line + 1
+        _record_lines(node, (), lines, paths, source)
+        bounded_yaml.check_expansion(node, lines.__contains__)
         return loader.construct_document(node), lines
     except yaml.YAMLError as error:
         raise _yaml_error(error, text, source) from None
+    except bounded_yaml.Refused as refused:
+        path = paths.get(id(refused.node), ()) if refused.node is not None else refused.path or ()
+        line = refused.mark.line + 1 if refused.mark is not None else _line(path, lines)
+        raise _error(refused.message, source, _dotted(path), line) from None
     finally:
         if loader is not None:
             loader.dispose()
 
 
-def _record_lines(node: yaml.Node, path: Loc, lines: dict[Loc, int], seen: set[int],
+def _record_lines(node: yaml.Node, path: Loc, lines: dict[Loc, int], seen: dict[int, Loc],
                   source: str) -> None:
-    """Fill `lines` below `node`, and reject duplicate keys (PyYAML would keep the last one)."""
+    """Fill `lines` below `node` and `seen` (node id: its first path), and reject duplicate keys
+    (PyYAML would keep the last one)."""
     if id(node) in seen:  # an alias: walk each node once, whatever the anchors
         return
-    seen.add(id(node))
+    seen[id(node)] = path
     if isinstance(node, yaml.MappingNode):
         first_line: dict[str, int] = {}
         for key, value in node.value:
@@ -149,7 +168,7 @@ def _record_lines(node: yaml.Node, path: Loc, lines: dict[Loc, int], seen: set[i
                 continue
             line, child = key.start_mark.line + 1, (*path, key.value)
             if key.value in first_line:
-                raise _error(f"duplicate key '{key.value}' (first given on line "
+                raise _error(f"duplicate key '{_clip(key.value)}' (first given on line "
                              f"{first_line[key.value]})", source, _dotted(child), line)
             first_line[key.value] = lines[child] = line
             _record_lines(value, child, lines, seen, source)
@@ -208,7 +227,8 @@ def _explain(error: Any) -> tuple[Loc, str, Loc | None]:
         return (*loc, *getattr(cause, "loc", ())), str(cause or error["msg"]), None
     if kind == "extra_forbidden":
         allowed = _allowed_keys(tagged[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        key = str(loc[-1])
+        close = difflib.get_close_matches(key, allowed, n=1) if len(key) <= SHOWN else []
         if close:
             return loc, f"unknown key (did you mean '{close[0]}'?)", (*loc[:-1], close[0])
         return loc, f"unknown key; expected one of: {', '.join(allowed)}", None
@@ -236,29 +256,49 @@ def _message(kind: str, ctx: dict[str, Any], value: Any, default: str) -> str:
                                    "(starting with a letter or digit)",
         "too_short": f"at least {ctx.get('min_length')} item"
                      + ("s" if ctx.get("min_length") != 1 else ""),
+        "too_long": f"at most {ctx.get('max_length')} items",
+        "string_too_long": f"a name of at most {ctx.get('max_length')} characters",
     }.get(kind)
     if kind == "branch_kind":
         return f"{default}; got {got}"
     return f"expected {expected}, got {got}" if expected else f"{default}, got {got}"
 
 
+SHOWN = 60  # characters of a value, key or string quoted in a message
+
+
 def _show(value: Any) -> str:
-    """A value as the YAML author wrote it, with its kind where that helps."""
+    """A value as the YAML author wrote it, with its kind where that helps; never long, and
+    never a repr of a whole list or mapping (one may hold millions of items)."""
     if value is None:
         return "nothing (null)"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (int, float)):
+    if isinstance(value, int):
+        return short_int(value)
+    if isinstance(value, float):
         return repr(value)
     if isinstance(value, str):
-        return f"the string {value!r}"
+        return f"the string {_clip(value)!r}" if len(value) <= SHOWN else (
+            f"a string of {len(value):,} characters, {_clip(value, 20)!r}")
     if isinstance(value, list):
-        return f"a list {value!r}" if value and len(repr(value)) <= 40 else (
-            f"a list of {len(value)} items" if value else "an empty list")
+        if not value:
+            return "an empty list"
+        if len(value) <= 8 and all(_is_small(x) for x in value):
+            return f"a list {_clip(repr(value), 40)}"
+        return f"a list of {len(value):,} items"
     if isinstance(value, dict):
-        keys = ", ".join(str(k) for k in value)
-        return f"a mapping with keys {keys}" if value else "an empty mapping"
-    return f"{value!r} ({type(value).__name__})"
+        if not value:
+            return "an empty mapping"
+        keys = ", ".join(_clip(str(k), 20) for k in list(value)[:6])
+        return f"a mapping with keys {keys}" + (", ..." if len(value) > 6 else "")
+    return f"{_clip(repr(value), 40)} ({type(value).__name__})"
+
+
+def _is_small(value: Any) -> bool:
+    return value is None or isinstance(value, bool | float) or (
+        isinstance(value, int) and abs(value) < 10**30) or (
+        isinstance(value, str) and len(value) <= 20)
 
 
 def _yaml_loc(tagged: Loc) -> Loc:
@@ -302,5 +342,6 @@ def _line(loc: Loc, lines: dict[Loc, int]) -> int:
 
 def _dotted(loc: Loc) -> str | None:
     """('branches', 1, 'dilation') -> 'branches[1].dilation'."""
-    text = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+    text = "".join(f"[{part}]" if isinstance(part, int) else f".{_clip(str(part), 40)}"
+                   for part in loc)
     return text.lstrip(".") or None

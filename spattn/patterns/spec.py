@@ -11,12 +11,12 @@ import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
     Field,
     NonNegativeInt,
-    PositiveFloat,
     PositiveInt,
     Tag,
     ValidationInfo,
@@ -24,7 +24,36 @@ from pydantic import (
     model_validator,
 )
 
+from spattn.limits import (
+    MAX_BRANCHES,
+    MAX_HEAD_DIM,
+    MAX_HEADS,
+    MAX_LIST_ITEMS,
+    MAX_NAME_LENGTH,
+    MAX_SEED,
+    MAX_SIZE,
+    ScaleError,
+    bound_text,
+    check_scale,
+    short_int,
+)
+
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
+
+
+def _at_most(limit: int) -> AfterValidator:
+    """An upper bound with a message naming it, e.g. 'expected an integer <= 1099511627776
+    (2^40), got 2^63': without one, a huge size overflows numpy far from the YAML."""
+    def check(value: int) -> int:
+        if value > limit:
+            raise ValueError(f"expected an integer <= {bound_text(limit)}, got {short_int(value)}")
+        return value
+
+    return AfterValidator(check)
+
+
+Size = Annotated[PositiveInt, _at_most(MAX_SIZE)]  # a token count: segment, window, stride...
+Position = Annotated[NonNegativeInt, _at_most(MAX_SIZE)]  # a token position or an offset
 
 
 class LocatedValueError(ValueError):
@@ -46,9 +75,9 @@ class _Spec(BaseModel):
 class DilatedBranch(_Spec):
     """LongNet dilated attention: segments of `segment` tokens, every `dilation`-th row kept."""
 
-    segment: PositiveInt
-    dilation: PositiveInt
-    offsets: Annotated[list[NonNegativeInt], Field(min_length=1)] | None = None
+    segment: Size
+    dilation: Size
+    offsets: Annotated[list[Position], Field(min_length=1, max_length=MAX_HEADS)] | None = None
 
     @field_validator("offsets")
     @classmethod
@@ -65,7 +94,7 @@ class DilatedBranch(_Spec):
 
 
 class WindowSpec(_Spec):
-    size: PositiveInt
+    size: Size
 
 
 class WindowBranch(_Spec):
@@ -75,7 +104,7 @@ class WindowBranch(_Spec):
 
 
 class GlobalSpec(_Spec):
-    tokens: Annotated[list[NonNegativeInt], Field(min_length=1)]
+    tokens: Annotated[list[Position], Field(min_length=1, max_length=MAX_LIST_ITEMS)]
 
 
 class GlobalBranch(_Spec):
@@ -85,7 +114,7 @@ class GlobalBranch(_Spec):
 
 
 class StridedSpec(_Spec):
-    stride: PositiveInt
+    stride: Size
 
 
 class StridedBranch(_Spec):
@@ -95,9 +124,9 @@ class StridedBranch(_Spec):
 
 
 class RandomSpec(_Spec):
-    block: PositiveInt
-    blocks: PositiveInt
-    seed: NonNegativeInt = 0
+    block: Size
+    blocks: Size
+    seed: Annotated[NonNegativeInt, _at_most(MAX_SEED)] = 0
 
 
 class RandomBranch(_Spec):
@@ -161,10 +190,24 @@ class GeometricSpec(_Spec):
     Branch i has w_i = segment * ratio^i and r_i = dilation * ratio^i.
     """
 
-    segment: PositiveInt
-    dilation: PositiveInt = 1
-    ratio: Annotated[int, Field(strict=True, ge=2)]
-    count: PositiveInt
+    segment: Size
+    dilation: Size = 1
+    ratio: Annotated[int, Field(strict=True, ge=2), _at_most(MAX_SIZE)]
+    count: Annotated[PositiveInt, _at_most(MAX_BRANCHES)]
+
+    @model_validator(mode="after")
+    def _largest_fits(self) -> GeometricSpec:
+        # ratio >= 2, so the loop stops after at most 41 products, whatever the count.
+        for field in ("segment", "dilation"):
+            value = getattr(self, field)
+            for i in range(1, self.count):
+                value *= self.ratio
+                if value > MAX_SIZE:
+                    raise LocatedValueError(
+                        f"expected a count <= {i} with {field} {getattr(self, field)} and ratio "
+                        f"{self.ratio} (branch i has {field} * ratio^i, at most "
+                        f"{bound_text(MAX_SIZE)}), got {self.count}", ("count",))
+        return self
 
 
 class Schedule(_Spec):
@@ -174,17 +217,27 @@ class Schedule(_Spec):
 class Pattern(_Spec):
     """A validated sparse-attention pattern (see SEMANTICS.md for what it computes)."""
 
-    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    name: Annotated[str, Field(max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)]
     description: str | None = None
     causal: bool = False
     head_offsets: Literal["paper", "blocked"] = "paper"
     overlap: Literal["multiset", "union"] = "multiset"
-    softmax_scale: PositiveFloat | None = None
-    heads: PositiveInt | None = None
-    kv_heads: PositiveInt | None = None
-    head_dim: PositiveInt | None = None
-    branches: Annotated[list[Branch], Field(min_length=1)] | None = None
+    softmax_scale: float | None = None
+    heads: Annotated[PositiveInt, _at_most(MAX_HEADS)] | None = None
+    kv_heads: Annotated[PositiveInt, _at_most(MAX_HEADS)] | None = None
+    head_dim: Annotated[PositiveInt, _at_most(MAX_HEAD_DIM)] | None = None
+    branches: Annotated[list[Branch], Field(min_length=1, max_length=MAX_BRANCHES)] | None = None
     schedule: Schedule | None = None
+
+    @field_validator("softmax_scale")
+    @classmethod
+    def _finite_positive_scale(cls, scale: float | None) -> float | None:
+        if scale is None:
+            return None
+        try:  # the same check, and words, as the scale= argument of the API
+            return check_scale(scale, "the scale")
+        except ScaleError as error:
+            raise ValueError(str(error)) from None
 
     @field_validator("kv_heads")
     @classmethod
