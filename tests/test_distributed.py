@@ -10,9 +10,12 @@ check those reports against the plan.
 from __future__ import annotations
 
 import json
+import os
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -22,6 +25,7 @@ import torch.multiprocessing as mp
 import spattn
 from spattn.distributed import CommCounter, PlanError, build_plan
 from spattn.distributed import attention as distributed_attention
+from spattn.runtime import torch_backend
 from spattn.runtime.dispatch import InputError
 
 TOL = 1e-10
@@ -91,6 +95,42 @@ def _run_case(pattern, shape, rank: int, world: int, dtype: torch.dtype) -> dict
             "ops": [r.op for r in forward.records + backward.records]}
 
 
+def _views(shape, rank: int, world: int, expanded: bool) -> list[torch.Tensor]:
+    """This rank's q, k, v as views with unusual strides, of leaves that require grad: an unbound
+    trailing axis, a key stored (B, H, D, N) and transposed, every other column of a wider v;
+    or (expanded) a batch, a kv head and a head dim of stride 0."""
+    b, h, hkv, n, d = shape
+    rows = n // world
+    gen = torch.Generator().manual_seed(rank)
+
+    def leaf(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=gen, dtype=torch.float64).requires_grad_()
+
+    if expanded:
+        return [leaf(1, h, rows, d).expand(b, h, rows, d),
+                leaf(b, 1, rows, d).expand(b, hkv, rows, d),
+                leaf(b, hkv, rows, 1).expand(b, hkv, rows, d)]
+    return [leaf(b, h, rows, d, 3).unbind(-1)[1], leaf(b, hkv, d, rows).transpose(-1, -2),
+            leaf(b, hkv, rows, 2 * d)[..., ::2]]
+
+
+def _stride_case(rank: int, world: int, expanded: bool) -> float:
+    """The largest difference in output and dQ/dK/dV between views and contiguous copies."""
+    pattern = cases(world)["lm-causal"][0]
+    views = _views((2, 4, 2, 64, 16), rank, world, expanded)
+    copies = [t.detach().contiguous().requires_grad_() for t in views]
+    do = torch.randn(views[0].shape, generator=torch.Generator().manual_seed(9),
+                     dtype=torch.float64)
+    diffs = []
+    results = []
+    for inputs in (views, copies):
+        out = distributed_attention(*inputs, pattern)
+        results.append((out, *torch.autograd.grad(out, inputs, do)))
+    for got, want in zip(*results, strict=True):
+        diffs.append((got - want).abs().max().item())
+    return max(diffs)
+
+
 def _error(call) -> list[str]:
     try:
         call()
@@ -116,11 +156,26 @@ def _error_cases(rank: int, world: int) -> dict:
             *(t.float() if last else t for t in (q, k, v)), pattern)),
         "one rank's bad tensor": _error(lambda: distributed_attention(
             q[0] if rank == 0 else q, k, v, pattern)),
+        "one rank's step raises": _error(lambda: _raising(last, "forward", lambda: (
+            distributed_attention(q, k, v, pattern)))),
+        "scale": _error(lambda: distributed_attention(q, k, v, pattern, scale=0.0)),
+        "one rank's scale": _error(lambda: distributed_attention(
+            q, k, v, pattern, scale=float("nan") if rank == 0 else None)),
+        "timeout": _error(lambda: distributed_attention(q, k, v, pattern, timeout=-1)),
         "segment inside a chunk": _error(lambda: distributed_attention(
             q, k, v, _pattern("bad", False, [{"segment": 3 * n // 2, "dilation": 2}]))),
         "window": _error(lambda: distributed_attention(
             q, k, v, _pattern("win", False, [{"window": {"size": 4}}]))),
     }
+
+
+def _raising(fail: bool, step: str, call):
+    """call(), with torch_backend's `step` raising where `fail`."""
+    if not fail:
+        return call()
+    error = RuntimeError(f"injected failure in the {step}")
+    with mock.patch.object(torch_backend, step, side_effect=error):
+        return call()
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -132,13 +187,16 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         report["cases"] = {name: _run_case(pattern, shape, rank, world, _dtype(name))
                            for name, (pattern, shape) in cases(world).items()}
         report["errors"] = _error_cases(rank, world)
+        report["strides"] = {name: _stride_case(rank, world, name == "expanded")
+                             for name in ("strided", "expanded")}
         # after all those errors the group still works
         report["after errors"] = _run_case(*cases(world)["gqa-causal"], rank, world,
                                            torch.float64)
+        report["faults"] = _faults(rank, world)  # last: they leave groups broken, a rank gone
     except Exception:
         report["crash"] = traceback.format_exc()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
-    dist.destroy_process_group()
+    os._exit(0)  # no teardown of the groups the faults left broken
 
 
 @pytest.fixture(scope="module")
@@ -223,9 +281,99 @@ def test_bad_calls_raise_on_every_rank(reports, world):
             assert report["errors"][case][0] == kind, (case, rank, report["errors"][case])
             assert text in report["errors"][case][1], (case, rank, report["errors"][case])
         got = report["errors"]["one rank's bad tensor"]
-        assert got[0] == "InputError"
-        assert ("must be 4-D" if rank == 0 else "rank 0 rejected its inputs") in got[1]
+        assert got[0] == ("InputError" if rank == 0 else "DistributedError")
+        assert ("" if rank == 0 else "rank 0 failed: InputError: ") + "q must be 4-D" in got[1]
+        got = report["errors"]["one rank's step raises"]
+        assert got[0] == ("RuntimeError" if rank == world - 1 else "DistributedError")
+        assert got[1].endswith("injected failure in the forward" if rank == world - 1 else
+                               f"rank {world - 1} failed: RuntimeError: injected failure in the "
+                               "forward (no data was exchanged; every rank raises)")
+        assert report["errors"]["scale"] == ["ScaleError",
+                                             "scale must be a finite number > 0, got 0.0"]
+        got = report["errors"]["one rank's scale"]
+        assert got[0] == ("ScaleError" if rank == 0 else "DistributedError")
+        assert ("" if rank == 0 else "rank 0 failed: ScaleError: ") + \
+            "scale must be a finite number > 0, got nan" in got[1]
+        assert report["errors"]["timeout"] == [
+            "InputError", "timeout must be > 0 seconds and fit a datetime.timedelta, got -1"]
         assert max(report["after errors"]["diffs"].values()) < TOL
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_views_with_any_strides_match_contiguous_copies(reports, world):
+    for rank, report in enumerate(reports[world]):
+        for name, diff in report["strides"].items():
+            assert diff < TOL, f"{name} views, rank {rank} of {world}: off by {diff:.3g}"
+
+
+FAULT_TIMEOUT = 2.0  # seconds each collective may wait in the fault tests
+
+
+def _faults(rank: int, world: int) -> dict[str, tuple[str, str, float]]:
+    """Ranks that fail later than the check, never call in or exit: each on a fresh group (a
+    timed-out collective leaves its group unusable); (error, message, seconds) per case."""
+    pattern, shape = cases(world)["lm-causal"]  # spans 2 ranks (and 4 with 4)
+    n = shape[3] // world
+    q, k, v, do = (t[:, :, rank * n:(rank + 1) * n].clone() for t in _inputs(shape))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    silent = 1
+
+    def backward_raises(group) -> None:
+        out = distributed_attention(q, k, v, pattern, group=group, timeout=FAULT_TIMEOUT)
+        _raising(rank == world - 1, "backward", lambda: out.backward(do))
+
+    def never_calls(group) -> None:
+        if rank == silent:
+            time.sleep(FAULT_TIMEOUT + 0.5)
+        else:
+            distributed_attention(q, k, v, pattern, group=group,
+                                  timeout=timedelta(seconds=FAULT_TIMEOUT))
+
+    def exits(group) -> None:
+        if rank == world - 1:
+            raise SystemExit  # the worker writes its report and exits
+        distributed_attention(q, k, v, pattern, group=group, timeout=FAULT_TIMEOUT)
+
+    report = {}
+    for name, case in (("backward raises", backward_raises), ("never calls", never_calls),
+                       ("exits", exits)):
+        group = dist.new_group(list(range(world)))
+        start = time.monotonic()
+        try:
+            case(group)
+            report[name] = ("no error", "", time.monotonic() - start)
+        except SystemExit:
+            break
+        except Exception as error:
+            report[name] = (type(error).__name__, str(error), time.monotonic() - start)
+    return report
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_failed_or_missing_rank_raises_within_the_timeout(reports, world):
+    for rank, report in enumerate(reports[world]):
+        faults = report["faults"]
+        kind, text, seconds = faults["backward raises"]
+        if rank == world - 1:
+            assert (kind, text) == ("RuntimeError", "injected failure in the backward")
+        else:
+            assert kind == "CollectiveError", (rank, text)
+            assert f"rank {rank}: the backward all-to-all of branch " in text
+            # with 4 ranks, rank 2 waits in branch 2's subgroup {2, 3}, 0 and 1 in branch 3's
+            waits = {0: "ranks 1, 2, 3", 1: "ranks 0, 2, 3"} if world == 4 else {}
+            waits = waits.get(rank, f"rank {world - 1} (it")
+            assert f" timed out after {FAULT_TIMEOUT:g} s waiting on {waits}" in text
+            assert FAULT_TIMEOUT - 0.5 < seconds < FAULT_TIMEOUT + 4
+        kind, text, seconds = faults["never calls"]
+        if rank != 1:
+            assert kind == "CollectiveError", (rank, text)
+            assert f"rank {rank}: the metadata check timed out after 2 s waiting on rank" in text
+            assert FAULT_TIMEOUT - 0.5 < seconds < FAULT_TIMEOUT + 4
+        if rank != world - 1:
+            kind, text, seconds = faults["exits"]
+            assert kind == "CollectiveError", (rank, text)
+            assert f"rank {rank}: the metadata check " in text
+            assert seconds < FAULT_TIMEOUT + 4
 
 
 def test_plan_errors_without_a_process_group():

@@ -4,13 +4,18 @@ Each rank passes its contiguous chunk of l = N/P tokens and gets its chunk of th
 plan (plan.py) says which branches are local and which span subgroups of g ranks.
 
 Forward, on every rank:
-1. check its own inputs and build the plan, then all-gather one small metadata tensor over the
-   group, so that a bad input or a disagreement between ranks raises on every rank (never a
-   deadlock) before any data moves;
-2. local branches: the PyTorch backend over the local chunk (segments are aligned to chunks);
+1. check its own inputs and build the plan, compute the local branches (the PyTorch backend over
+   the local chunk; segments are aligned to chunks) and pack its dilated K/V rows: all the work
+   that can fail before anything waits on another rank;
+2. all-gather one small metadata tensor over the group (zeros from a rank that failed, then every
+   failed rank's message), so that a failure or a disagreement between ranks raises on every rank
+   (never a deadlock) before any data moves;
 3. spanning branches, in plan order: all-gather the rank's dilated K/V rows within the subgroup,
    attend the local dilated queries to them (causal: the earlier ranks' rows in full, plus the
    rank's own rows causally), and merge every piece into one (O, LSE) by log-sum-exp.
+
+Every collective takes the call's `timeout`: a failure later than step 2 (or in the backward)
+leaves the other ranks waiting only that long, then raises `CollectiveError` on them.
 
 Backward (exact, DESIGN.md): with the merged O and LSE, P_i = exp(S_i - LSE),
 D = rowsum(dO * O), dS_i = P_i * (dO V^T - D) for every piece; dQ stays local, and the gathered
@@ -21,13 +26,17 @@ adjoint), where they are summed.
 from __future__ import annotations
 
 import math
+import numbers
 import struct
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
 from spattn.distributed import comm
+from spattn.distributed.comm import DistributedError
 from spattn.distributed.plan import (
     CHECK_ELEMENTS,
     BranchPlan,
@@ -35,6 +44,7 @@ from spattn.distributed.plan import (
     build_plan,
     grad_dtype,
 )
+from spattn.limits import check_scale
 from spattn.patterns.loader import load_pattern
 from spattn.patterns.spec import Pattern
 from spattn.runtime import torch_backend
@@ -46,6 +56,7 @@ DEVICE_CODES = {"cpu": 1, "cuda": 2}
 FIELDS = ("inputs", "batch", "heads", "kv_heads", "local seq_len", "head_dim", "dtype",
           "device type", "requires grad", "pattern (content hash)", "pattern (content hash)",
           "softmax scale", "world size")
+MESSAGE_BYTES = 512  # of each failed rank's error, all-gathered only when some rank failed
 
 
 # --- checks before any data moves -------------------------------------------------------------
@@ -77,11 +88,28 @@ def _prepare(q, k, v, pattern, backend, scale, world: int, group) -> _Prepared:
                          f"{device.type} tensors, but q, k, v are on {call.device}")
     if scale is None:
         scale = pattern.softmax_scale or 1.0 / math.sqrt(call.head_dim)
+    scale = check_scale(scale)
     plan = build_plan(pattern, call.seq_len * world, world, heads=call.heads,
                       kv_heads=call.kv_heads, head_dim=call.head_dim, batch=call.batch,
                       dtype=call.dtype)
-    return _Prepared(plan, float(scale), call.needs_grad, pattern.content_hash(),
+    return _Prepared(plan, scale, call.needs_grad, pattern.content_hash(),
                      call.device.type)
+
+
+def _timeout(value: float | timedelta | None) -> timedelta | None:
+    """`timeout=` as a timedelta: seconds (a finite real > 0) or a positive timedelta."""
+    if value is None or isinstance(value, timedelta) and value > timedelta(0):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | timedelta):
+        raise InputError(f"timeout must be seconds (a number) or a datetime.timedelta, got "
+                         f"{type(value).__name__}")
+    try:
+        if 0 < float(value) < math.inf:
+            return timedelta(seconds=float(value))
+    except (OverflowError, TypeError):  # TypeError: a timedelta <= 0
+        pass
+    shown = repr(value) if len(repr(value)) < 40 else repr(value)[:37] + "..."
+    raise InputError(f"timeout must be > 0 seconds and fit a datetime.timedelta, got {shown}")
 
 
 def _metadata(prepared: _Prepared | None, world: int) -> list[int]:
@@ -109,23 +137,44 @@ def _show(field: int, row: list[int]) -> str:
     return str(value)
 
 
-def _agree(prepared: _Prepared | None, error: Exception | None, device: torch.device,
-           group) -> None:
-    """All-gather every rank's metadata; raise on every rank if one failed or they disagree."""
-    world = dist.get_world_size(group)
-    local = torch.tensor(_metadata(prepared, world), dtype=torch.int64, device=device)
-    rows = comm.all_gather(local, group, "check").cpu().tolist()
+def _encode(text: str, device: torch.device) -> torch.Tensor:
+    data = text.encode()[:MESSAGE_BYTES]
+    out = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8)
+    out[:len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    return out.to(device)
+
+
+def _decode(row: torch.Tensor) -> str:
+    data = bytes(row.cpu().tolist()).rstrip(b"\0")
+    text = data.decode(errors="replace")
+    return text + "..." if len(data) == MESSAGE_BYTES else text
+
+
+def _agree(prepared: _Prepared | None, error: Exception | None, group,
+           timeout: timedelta | None) -> None:
+    """All-gather every rank's metadata; raise on every rank if one failed or they disagree:
+    a failed rank its own error, the others a DistributedError with the failed ranks' messages.
+    Every rank calls it exactly once per call, with `error` set where its own work failed."""
+    world, device = dist.get_world_size(group), comm.comm_device(group)
+    meta = _metadata(None if error is not None else prepared, world)
+    local = torch.tensor(meta, dtype=torch.int64, device=device)
+    rows = comm.all_gather(local, group, "check", "the metadata check", timeout).cpu().tolist()
     failed = [r for r, row in enumerate(rows) if row[0] == 0]
-    if error is not None:
-        raise error
-    if failed:
-        who = f"ranks {', '.join(map(str, failed))} rejected their" if len(failed) > 1 else \
-            f"rank {failed[0]} rejected its"
-        raise InputError(f"{who} inputs (see the error there); nothing was computed")
+    if failed:  # every rank knows it: exchange the messages too
+        text = f"{type(error).__name__}: {error}" if error is not None else ""
+        notes = comm.all_gather(_encode(text, device), group, "check", "the failure report",
+                                timeout)
+        if error is not None:
+            raise error
+        shown = "; ".join(f"rank {dist.get_global_rank(group, r)} failed: {_decode(notes[r])}"
+                          for r in failed[:4])
+        more = f"; and {len(failed) - 4} more ranks" if len(failed) > 4 else ""
+        raise DistributedError(f"{shown}{more} (no data was exchanged; every rank raises)")
     for field in range(1, len(FIELDS)):
         values = {r: rows[r][field] for r in range(world)}
         if len(set(values.values())) > 1:
-            shown = ", ".join(f"rank {r}: {_show(field, rows[r])}" for r in range(world))
+            shown = ", ".join(f"rank {dist.get_global_rank(group, r)}: {_show(field, rows[r])}"
+                              for r in range(world))
             raise InputError(f"ranks disagree on {FIELDS[field]} ({shown}); every rank must call "
                              f"with the same pattern, dtype and chunk shape")
 
@@ -147,8 +196,8 @@ class _Span:
     """One spanning branch as seen from this rank."""
 
     def __init__(self, branch: BranchPlan, plan: DistributedPlan, group, device: torch.device):
-        self.branch = branch
-        self.group, self.position = comm.subgroup(group, branch.span)
+        self.branch, self.parent = branch, group
+        self.position = dist.get_rank(group) % branch.span
         r, g, p = branch.dilation, branch.span, self.position
         starts, start = {}, 0
         self.pack_rows = []  # (kv head, chunk rows, first buffer row)
@@ -176,6 +225,14 @@ class _Span:
                 torch.tensor(heads, device=device),
                 torch.tensor([h // per_group for h in heads], device=device), rows,
                 torch.stack(keys)))
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        """The subgroup, created on first use: after the check, when every rank is known well."""
+        return comm.subgroup(self.parent, self.branch.span)[0]
+
+    def step(self, what: str) -> str:
+        return f"the {what} of branch {self.branch.index} ({self.branch.label})"
 
     def pack(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """This rank's kept K and V rows, (2, B, R, D), zero padded."""
@@ -209,10 +266,19 @@ def _merge(out, lse, grp: _OffsetGroup, o: torch.Tensor, s: torch.Tensor) -> Non
 
 @dataclass(frozen=True)
 class _Run:
-    plan: DistributedPlan
-    scale: float
+    prepared: _Prepared
     local: torch_backend.Problem | None
     spans: tuple[_Span, ...]
+    group: dist.ProcessGroup
+    timeout: timedelta | None
+
+    @property
+    def plan(self) -> DistributedPlan:
+        return self.prepared.plan
+
+    @property
+    def scale(self) -> float:
+        return self.prepared.scale
 
 
 def _local_problem(plan: DistributedPlan, scale: float) -> torch_backend.Problem | None:
@@ -227,15 +293,21 @@ class _DistributedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, run: _Run):
         acc, causal, scale = grad_dtype(q.dtype), run.plan.causal, run.scale
-        if run.local is not None:
-            out, lse = torch_backend.forward(q, k, v, run.local)
-            out, lse = out.to(acc), lse.to(acc)
-        else:
-            out = q.new_zeros(q.shape, dtype=acc)
-            lse = q.new_full(q.shape[:3], float("-inf"), dtype=acc)
+        try:  # everything that can fail before the first collective
+            if run.local is not None:
+                out, lse = torch_backend.forward(q, k, v, run.local)
+                out, lse = out.to(acc), lse.to(acc)
+            else:
+                out = q.new_zeros(q.shape, dtype=acc)
+                lse = q.new_full(q.shape[:3], float("-inf"), dtype=acc)
+            packed = [span.pack(k, v) for span in run.spans]
+        except Exception as exc:
+            _fail(exc, run.group, run.timeout)
+        _agree(run.prepared, None, run.group, run.timeout)
         gathered = []
-        for span in run.spans:
-            rows = comm.all_gather(span.pack(k, v), span.group, "forward")  # (g, 2, B, R, D)
+        for span, buf in zip(run.spans, packed, strict=True):
+            rows = comm.all_gather(buf, span.group, "forward", span.step("forward all-gather"),
+                                   run.timeout)  # (g, 2, B, R, D)
             kv = rows.permute(1, 2, 0, 3, 4).flatten(2, 3)  # (2, B, g * R, D)
             gathered.append(kv)
             for grp in span.groups:
@@ -264,6 +336,7 @@ class _DistributedAttention(torch.autograd.Function):
             dq, dk, dv = q.new_zeros(q.shape, dtype=acc), k.new_zeros(k.shape, dtype=acc), \
                 v.new_zeros(v.shape, dtype=acc)
         b, hkv, n, d = k.shape
+        dk, dv = dk.contiguous(), dv.contiguous()  # viewed as rows below
         dk_rows, dv_rows = dk.view(b, hkv * n, d), dv.view(b, hkv * n, d)
         for span, kv in zip(run.spans, gathered, strict=True):
             dkv = kv.new_zeros(kv.shape, dtype=acc)  # gradients of the gathered rows
@@ -286,32 +359,44 @@ class _DistributedAttention(torch.autograd.Function):
                     dv_rows.index_add_(1, flat, gv.flatten(1, 2).to(acc))
             g = span.branch.span
             send = dkv.unflatten(2, (g, -1)).permute(2, 0, 1, 3, 4)  # slot m: member m's rows
-            span.unpack_add(comm.all_to_all(send, span.group, "backward").sum(0), dk, dv)
+            grads = comm.all_to_all(send, span.group, "backward",
+                                    span.step("backward all-to-all"), run.timeout)
+            span.unpack_add(grads.sum(0), dk, dv)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | str, *,
               group: dist.ProcessGroup | None = None, backend: str | None = None,
-              scale: float | None = None) -> torch.Tensor:
+              scale: float | None = None, timeout: float | timedelta | None = None
+              ) -> torch.Tensor:
     """`pattern`'s attention over a sequence split across the ranks of `group` (default: all).
 
     Rank j passes its chunk q (B, H, N/P, D), k, v (B, Hkv, N/P, D) of tokens [j*N/P, (j+1)*N/P)
     and gets its chunk of the output; differentiable in q, k, v. Every rank of the group must
-    call it together (and, if it needs gradients, run the backward together).
+    call it together (and, if it needs gradients, run the backward together). A call that fails
+    on one rank before any data moves raises on every rank. `timeout` (seconds or a timedelta;
+    None: the process group's own) bounds each of spattn's collectives, forward and backward:
+    a rank left waiting on a peer that failed later, exited or never called raises
+    `CollectiveError` naming the step and the ranks it waited on.
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise InputError("torch.distributed is not initialized: call "
                          "torch.distributed.init_process_group first (or use spattn.attention)")
     group = dist.group.WORLD if group is None else group
-    world = dist.get_world_size(group)
-    prepared, error = None, None
+    limit = None
     try:
-        prepared = _prepare(q, k, v, pattern, backend, scale, world, group)
-    except Exception as exc:  # raised after the metadata exchange, so no rank waits forever
-        error = exc
-    device = comm.comm_device(group)
-    _agree(prepared, error, device, group)
-    plan = prepared.plan
-    spans = tuple(_Span(b, plan, group, q.device) for b in plan.branches if not b.local)
-    run = _Run(plan, prepared.scale, _local_problem(plan, prepared.scale), spans)
+        limit = _timeout(timeout)
+        prepared = _prepare(q, k, v, pattern, backend, scale, dist.get_world_size(group), group)
+        plan = prepared.plan
+        spans = tuple(_Span(b, plan, group, q.device) for b in plan.branches if not b.local)
+        run = _Run(prepared, _local_problem(plan, prepared.scale), spans, group, limit)
+    except Exception as exc:  # raised after the metadata check, so no rank waits forever
+        _fail(exc, group, limit)
     return _DistributedAttention.apply(q, k, v, run)
+
+
+def _fail(error: Exception, group, timeout: timedelta | None) -> NoReturn:
+    """Join the metadata check as a failed rank, then raise `error` (every other rank raises a
+    DistributedError naming this rank)."""
+    _agree(None, error, group, timeout)
+    raise error  # not reached: _agree raises it
