@@ -93,19 +93,27 @@ def pair_counts(pattern, n: int, heads: int) -> torch.Tensor:
     return counts
 
 
-def reference_attention(q, k, v, pattern, scale: float | None = None) -> torch.Tensor:
-    """Float64 attention by explicit masks; differentiable (autograd) in q, k, v."""
-    b, heads, n, d = q.shape
+def reference_attention(q, k, v, pattern, scale: float | None = None, sinks=None) -> torch.Tensor:
+    """Float64 attention by explicit masks; differentiable (autograd) in q, k, v and sinks.
+
+    q may hold fewer rows than k, v: they are the last positions of the sequence. `sinks` (H,)
+    adds exp(sinks[h]) to every softmax denominator of head h."""
+    b, heads, nq, d = q.shape
+    n = k.shape[2]
     group = heads // k.shape[1]
     scale = scale if scale is not None else (pattern.softmax_scale or 1 / math.sqrt(d))
     q, k, v = q.double(), k.double(), v.double()
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
-    counts = pair_counts(pattern, n, heads)
+    counts = pair_counts(pattern, n, heads)[:, n - nq:]  # the queries' rows of the full mask
     scores = scale * q @ k.transpose(-1, -2)
     # a key counted c times contributes c * exp(score): add log c to its score
     logits = torch.where(counts > 0, scores + counts.clamp(min=1).log(), float("-inf"))
     has_key = (counts > 0).any(-1, keepdim=True)
+    if sinks is not None:  # one more logit per row, with no value
+        sink = sinks.double().view(1, heads, 1, 1).expand(b, heads, nq, 1)
+        weights = torch.softmax(torch.cat([logits, sink], -1), dim=-1)[..., :n]
+        return weights @ v
     logits = torch.where(has_key, logits, 0.0)
     out = torch.softmax(logits, dim=-1) @ v
     return torch.where(has_key, out, 0.0)

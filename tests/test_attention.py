@@ -268,7 +268,8 @@ def test_memory_stays_linear_in_n():
 
 @pytest.mark.parametrize("make,message", [
     (lambda q, k, v: (q[0], k, v), "must be 4-D"),
-    (lambda q, k, v: (q, k[:, :, :5], v[:, :, :5]), "to match q"),
+    (lambda q, k, v: (q, k[:, :, :5], v[:, :, :5]), "Nq <= Nk"),
+    (lambda q, k, v: (q, k[..., :2], v[..., :2]), "to match q"),
     (lambda q, k, v: (q, k, v[..., :2]), "same shape"),
     (lambda q, k, v: (q, k.float(), v.float()), "share one dtype"),
     (lambda q, k, v: (q[:, :3], k, v), "multiple of k/v's heads"),

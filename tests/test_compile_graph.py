@@ -45,5 +45,5 @@ def test_fullgraph_compile_matches_eager_forward_and_backward(compiler, attentio
 def test_ops_are_registered_with_fake_implementations():
     q = torch.empty(1, 2, 10, 8, device="meta")
     key = spattn.runtime.ops.register(PATTERN)
-    out, lse = torch.ops.spattn.attention_forward(q, q, q, key, 0.5, "triton")
+    out, lse = torch.ops.spattn.attention_forward(q, q, q, None, key, 0.5, "triton")
     assert out.shape == q.shape and lse.shape == (1, 2, 10) and out.device.type == "meta"

@@ -240,9 +240,9 @@ def test_an_unavailable_backend_says_why(monkeypatch):
 
 
 def test_long_chunks_are_split_by_the_budget(monkeypatch):
-    from spattn.runtime import decode
+    from spattn.runtime import cached
 
-    monkeypatch.setattr(decode, "WEIGHT_BUDGET", 5000)  # a query or two per chunk
+    monkeypatch.setattr(cached, "WEIGHT_BUDGET", 5000)  # a query or two per chunk
     q, k, v = _inputs(2, 4, 2, 200, 8)
     full = spattn.attention(q, k, v, LONGNET_256)
     cache = spattn.KVCache(LONGNET_256)

@@ -19,11 +19,11 @@ import torch
 
 from spattn.errors import SpattnError
 from spattn.limits import check_scale
-from spattn.patterns.geometry import resolve
 from spattn.patterns.loader import load_pattern
 from spattn.patterns.retention import cache_bound, last_use
 from spattn.patterns.spec import Pattern
 from spattn.runtime import triton_backend
+from spattn.runtime.cached import attend_cached
 from spattn.runtime.dispatch import (
     InputError,
     attention,
@@ -31,46 +31,6 @@ from spattn.runtime.dispatch import (
     pick_backend,
     resolve_scale,
 )
-from spattn.runtime.generated import table_length
-
-WEIGHT_BUDGET = 1 << 24  # (batch, head, query, key) scores the PyTorch path builds at once
-
-
-def attend_cached(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                  positions: torch.Tensor, first: int, pattern: Pattern, scale: float
-                  ) -> torch.Tensor:
-    """Queries q (B, H, T, D) at positions first .. first+T-1 against keys and values
-    (B, Hkv, M, D) at token `positions` (M,): the PyTorch path of decoding."""
-    batch, heads, t, dim = q.shape
-    kv_heads, m = keys.shape[1], keys.shape[2]
-    group = heads // kv_heads
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    # any length >= first + t gives these rows the same masks (causal); a rounded one lets the
-    # random-block tables be reused from step to step
-    branches = resolve(pattern, table_length(first + t), heads)
-    kpos = positions.to(q.device)
-    kf, vf = keys.to(acc).unsqueeze(2), values.to(acc).unsqueeze(2)  # (B, Hkv, 1, M, D)
-    out = torch.zeros((batch, heads, t, dim), dtype=acc, device=q.device)
-    step = max(1, WEIGHT_BUDGET // max(1, batch * heads * m))  # queries per chunk
-    for lo in range(0, t, step):
-        hi = min(t, lo + step)
-        qpos = torch.arange(first + lo, first + hi, device=q.device)
-        weight = torch.zeros((heads, hi - lo, m), dtype=acc, device=q.device)
-        for h in range(heads):
-            for g in branches:
-                weight[h] += g.allows(h, qpos[:, None], kpos[None, :])
-        if pattern.overlap == "union":
-            weight.clamp_(max=1)
-        weight *= kpos[None, :] <= qpos[:, None]
-        # a key that c branches give counts c times: add log c to its score
-        scores = scale * q[:, :, lo:hi].to(acc).view(batch, kv_heads, group, hi - lo, dim) \
-            @ kf.transpose(-1, -2)
-        scores = scores.view(batch, heads, hi - lo, m) + weight.log()
-        has = (weight > 0).any(-1)[..., None]  # (H, T, 1): rows with a key
-        p = torch.softmax(torch.where(has, scores, 0.0), dim=-1)
-        rows = (p.view(batch, kv_heads, group, hi - lo, m) @ vf).view(batch, heads, hi - lo, dim)
-        out[:, :, lo:hi] = torch.where(has, rows, 0.0)
-    return out.to(q.dtype)
 
 
 class KVCache:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +17,7 @@ from spattn.errors import SpattnError
 from spattn.limits import check_scale
 from spattn.patterns.loader import load_pattern
 from spattn.patterns.spec import Pattern
-from spattn.runtime import ops, varlen
+from spattn.runtime import ops, triton_backend, varlen
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -40,6 +40,11 @@ class Call:
     dtype: torch.dtype
     device: torch.device
     needs_grad: bool
+    query_len: int | None = None  # q's rows when fewer than the keys' N (bottom-right)
+
+    @property
+    def queries(self) -> int:
+        return self.seq_len if self.query_len is None else self.query_len
 
 
 class Backend:
@@ -50,8 +55,9 @@ class Backend:
     def why_not(self, call: Call, pattern: Pattern) -> str | None:
         raise NotImplementedError
 
-    def run(self, q, k, v, key: str, scale: float) -> torch.Tensor:
-        return ops.attention(q, k, v, key, scale, self.name)
+    def run(self, q, k, v, key: str, scale: float, sinks: torch.Tensor | None = None
+            ) -> torch.Tensor:
+        return ops.attention(q, k, v, key, scale, self.name, sinks)
 
 
 class TorchBackend(Backend):
@@ -88,15 +94,18 @@ def _auto(name: str, call: Call) -> bool:
     return name != "triton" or call.device.type == "cuda"
 
 
-def check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Call:
-    """Shapes, dtypes and devices of one call."""
+def check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  shorter_queries: bool = False) -> Call:
+    """Shapes, dtypes and devices of one call; with `shorter_queries`, q may hold fewer rows
+    than k and v (the last ones of the sequence)."""
     for arg, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise InputError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise InputError(f"{arg} must be 4-D (batch, heads, seq_len, head_dim), "
                              f"got shape {tuple(t.shape)}")
-    b, h, n, d = q.shape
+    b, h, nq, d = q.shape
+    n = k.shape[2]
     if k.shape != v.shape:
         raise InputError(f"k and v must have the same shape, got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")
@@ -104,9 +113,12 @@ def check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Call:
     if h < 1 or d < 1:
         raise InputError(f"q must have at least one head and head_dim >= 1, got shape "
                          f"{tuple(q.shape)}")
-    if (k.shape[0], k.shape[2], k.shape[3]) != (b, n, d):
-        raise InputError(f"k and v must be (B={b}, Hkv, N={n}, D={d}) to match q "
+    if (k.shape[0], k.shape[3]) != (b, d) or (n != nq and not shorter_queries):
+        raise InputError(f"k and v must be (B={b}, Hkv, N={nq}, D={d}) to match q "
                          f"{tuple(q.shape)}, got {tuple(k.shape)}")
+    if nq > n:
+        raise InputError(f"q has more rows ({nq}) than k and v ({n}): queries are the last "
+                         f"positions of the keys' sequence, so Nq <= Nk")
     if hkv == 0 or h % hkv:
         raise InputError(f"q's heads ({h}) must be a multiple of k/v's heads ({hkv})")
     if not (q.dtype == k.dtype == v.dtype):
@@ -114,7 +126,7 @@ def check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Call:
     if not (q.device == k.device == v.device):
         raise InputError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return Call(b, h, hkv, n, d, q.dtype, q.device, needs_grad)
+    return Call(b, h, hkv, n, d, q.dtype, q.device, needs_grad, nq if nq != n else None)
 
 
 def check_fixed(call: Call, name: str, heads: int | None = None, kv_heads: int | None = None,
@@ -170,16 +182,26 @@ def pick_backend(call: Call, pattern: Pattern, backend: str | None) -> str:
     return usable[0]
 
 
+LAYOUTS = ("bhnd", "bnhd")
+SHORT_QUERIES = 64  # query rows up to which an inference call attends the keys directly
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | str, *,
               backend: str | None = None, scale: float | None = None,
-              seq_lens: Sequence[int] | torch.Tensor | None = None,
-              cu_seqlens: Sequence[int] | torch.Tensor | None = None,
-              key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Sparse attention of q (B, H, N, D) over k, v (B, Hkv, N, D) by `pattern`.
+              seq_lens: Iterable[int] | torch.Tensor | None = None,
+              cu_seqlens: Iterable[int] | torch.Tensor | None = None,
+              key_padding_mask: torch.Tensor | None = None, layout: str = "bhnd",
+              sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Sparse attention of q (B, H, Nq, D) over k, v (B, Hkv, N, D) by `pattern`.
 
     `pattern` is a Pattern, a built-in name or a YAML path. `scale` defaults to the pattern's
-    softmax_scale, else 1/sqrt(D). Returns (B, H, N, D) in q's dtype, differentiable in q, k, v
-    on every backend, and traceable by torch.compile(fullgraph=True).
+    softmax_scale, else 1/sqrt(D). Returns (B, H, Nq, D) in q's dtype, differentiable in q, k,
+    v (and sinks) on every backend, and traceable by torch.compile(fullgraph=True).
+
+    Queries may be fewer than keys (Nq <= N): they are then the last Nq positions of the
+    sequence (bottom-right, flash-attn's convention), and the output is those rows of the full
+    forward. `layout="bnhd"` takes and returns (B, N, H, D) tensors instead. `sinks` (H,) adds
+    exp(sinks[h]) to every softmax denominator of head h, a logit with no value (gpt-oss).
 
     Several sequences per call (runtime/varlen.py): packed along N, by their lengths `seq_lens`
     or cumulative offsets `cu_seqlens` (flash-attn's varlen layout, the same in every batch row);
@@ -187,24 +209,70 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     convention), each row's real tokens one contiguous run. Each sequence is segmented from its
     own first token and never attends another; padding rows get zeros.
     """
-    if not isinstance(pattern, Pattern):
-        pattern = load_pattern(pattern)
-    call = check_tensors(q, k, v)
+    pattern = pattern if isinstance(pattern, Pattern) else load_pattern(pattern)
+    if layout not in LAYOUTS:
+        raise InputError(f"layout must be 'bhnd' (B, H, N, D) or 'bnhd' (B, N, H, D), got "
+                         f"{layout!r}")
+    if layout == "bnhd":  # views: every backend takes any strides
+        q, k, v = (t.transpose(1, 2) if isinstance(t, torch.Tensor) else t for t in (q, k, v))
+    call = check_tensors(q, k, v, shorter_queries=True)
+    sinks = check_sinks(sinks, call)
     if seq_lens is not None or cu_seqlens is not None or key_padding_mask is not None:
-        return _several(q, k, v, pattern, call, backend, scale, seq_lens, cu_seqlens,
-                        key_padding_mask)
+        out = _several(q, k, v, pattern, call, backend, scale, seq_lens, cu_seqlens,
+                       key_padding_mask, sinks)
+    else:
+        out = _one(q, k, v, pattern, call, backend, scale, sinks)
+    return out.transpose(1, 2) if layout == "bnhd" else out
+
+
+def _one(q, k, v, pattern: Pattern, call: Call, backend: str | None, scale: object,
+         sinks: torch.Tensor | None) -> torch.Tensor:
     sizes = (call.batch, call.heads, call.kv_heads, call.seq_len, call.head_dim)
     name, key, scale = _choose(pattern, sizes, call.dtype, call.device, call.needs_grad, backend,
                                scale)
-    if call.seq_len == 0 or call.batch == 0:
+    if call.queries == 0 or call.batch == 0:
         return q.new_zeros(q.shape) + varlen.connected_zero(q, k, v)
-    return BACKENDS[name].run(q, k, v, key, scale)
+    first = call.seq_len - call.queries  # the position of query row 0
+    if not first:
+        return BACKENDS[name].run(q, k, v, key, scale, sinks)
+    grad = call.needs_grad or (sinks is not None and sinks.requires_grad
+                               and torch.is_grad_enabled())
+    if pattern.causal and not grad and call.queries <= SHORT_QUERIES:  # decoding
+        from spattn.runtime.cached import attend_cached  # (it imports what imports this)
+
+        positions = torch.arange(call.seq_len, device=q.device)
+        if name == "triton" and sinks is None:
+            module = triton_backend.compiled_module(pattern)
+            return module.decode_attention(q.contiguous(), k.contiguous(), v.contiguous(),
+                                           positions, first, scale=scale)
+        return attend_cached(q, k, v, positions, first, pattern, scale, sinks)
+    # the rows of the full forward, by it: zero queries in front (their dO is 0, so they add
+    # nothing to dK and dV)
+    full = torch.cat([q.new_zeros(call.batch, call.heads, first, call.head_dim), q], 2)
+    return BACKENDS[name].run(full, k, v, key, scale, sinks)[:, :, first:]
 
 
-def _several(q, k, v, pattern, call, backend, scale, seq_lens, cu_seqlens, key_padding_mask
-             ) -> torch.Tensor:
+def check_sinks(sinks: object, call: Call) -> torch.Tensor | None:
+    """Attention sinks: None, or a floating tensor of shape (H,) on the tensors' device."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
+        raise InputError(f"sinks must be a floating-point tensor of shape (H={call.heads},), "
+                         f"got {getattr(sinks, 'dtype', type(sinks).__name__)}")
+    if tuple(sinks.shape) != (call.heads,):
+        raise InputError(f"sinks must have shape (H={call.heads},), one logit per query head, "
+                         f"got {tuple(sinks.shape)}")
+    if sinks.device != call.device:
+        raise InputError(f"sinks must be on the tensors' device {call.device}, got "
+                         f"{sinks.device}")
+    return sinks
+
+
+def _several(q, k, v, pattern, call, backend, scale, seq_lens, cu_seqlens, key_padding_mask,
+             sinks) -> torch.Tensor:
     def one(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
-        return attention(q_, k_, v_, pattern, backend=backend, scale=scale)
+        return _one(q_, k_, v_, pattern, check_tensors(q_, k_, v_, shorter_queries=True),
+                    backend, scale, sinks)
 
     if key_padding_mask is None:
         return varlen.packed(q, k, v, varlen.packed_bounds(call.seq_len, seq_lens, cu_seqlens),

@@ -1,13 +1,19 @@
 """The backends as `torch.library` custom ops, so that `torch.compile(fullgraph=True)` traces a
 model through `spattn.attention` without breaking the graph.
 
-    spattn::attention_forward(q, k, v, key, scale, backend) -> (O, LSE)
-    spattn::attention_backward(dO, q, k, v, O, LSE, key, scale, backend) -> (dQ, dK, dV)
+    spattn::attention_forward(q, k, v, sinks, key, scale, backend) -> (O, LSE)
+    spattn::attention_backward(dO, q, k, v, sinks, O, LSE, key, scale, backend)
+        -> (dQ, dK, dV, dSinks)
 
 `key` names a pattern registered by `register` (its content hash): ops take strings, not objects.
 `backend` is "torch" (strided views + fused attention, runtime/torch_backend.py) or "triton" (the
 pattern's generated module). Both ops have fake (meta) implementations for tracing; autograd
 links them.
+
+Attention sinks (`sinks`, (H,), or None) are one more term of the log-sum-exp merge: a logit
+t_h with no value. They join the backend's (O, LSE) after its kernels, so every backend serves
+them, and the backward needs nothing new: with the merged O and LSE, P = exp(S - LSE) and
+rowsum(dO * O) already account for the sink, and dt_h = -sum_p exp(t_h - LSE_p) rowsum(dO * O)_p.
 """
 
 from __future__ import annotations
@@ -40,56 +46,80 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def merge_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O, LSE) of every branch merged with head h's sink logit sinks[h] (no value)."""
+    sink = sinks.to(lse.dtype).view(1, -1, 1)
+    merged = torch.logaddexp(lse, sink)
+    weight = torch.exp(lse - merged)  # 0 where a row has no key (lse = -inf)
+    return (out.to(lse.dtype) * weight.unsqueeze(-1)).to(out.dtype), merged
+
+
 @torch.library.custom_op("spattn::attention_forward", mutates_args=())
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str,
-                      scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      sinks: torch.Tensor | None, key: str, scale: float, backend: str
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
-        return triton_backend.compiled_module(_PATTERNS[key]).attention_with_lse(q, k, v,
-                                                                                 scale=scale)
-    return torch_backend.forward(q, k, v, _problem(key, q, k, scale))
+        out, lse = triton_backend.compiled_module(_PATTERNS[key]).attention_with_lse(
+            q, k, v, scale=scale)
+    else:
+        out, lse = torch_backend.forward(q, k, v, _problem(key, q, k, scale))
+    if sinks is not None:
+        out, lse = merge_sinks(out, lse, sinks)
+    return out, lse
 
 
 @attention_forward.register_fake
-def _(q, k, v, key, scale, backend):
+def _(q, k, v, sinks, key, scale, backend):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
         q.shape[:3], dtype=_lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("spattn::attention_backward", mutates_args=())
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       out: torch.Tensor, lse: torch.Tensor, key: str, scale: float, backend: str
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       sinks: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, key: str,
+                       scale: float, backend: str
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "triton":
-        return triton_backend.compiled_module(_PATTERNS[key]).attention_backward(
+        dq, dk, dv = triton_backend.compiled_module(_PATTERNS[key]).attention_backward(
             do, q, k, v, out, lse, scale=scale)
-    return torch_backend.backward(do.contiguous(), q, k, v, out, lse, _problem(key, q, k, scale))
+    else:
+        dq, dk, dv = torch_backend.backward(do.contiguous(), q, k, v, out, lse,
+                                            _problem(key, q, k, scale))
+    if sinks is None:
+        return dq, dk, dv, do.new_empty(0)
+    delta = (do.to(lse.dtype) * out.to(lse.dtype)).sum(-1)  # rowsum(dO * O), (B, H, N)
+    share = torch.exp(sinks.to(lse.dtype).view(1, -1, 1) - lse)  # the sink's softmax weight
+    return dq, dk, dv, -(share * delta).sum((0, 2)).to(sinks.dtype)
 
 
 @attention_backward.register_fake
-def _(do, q, k, v, out, lse, key, scale, backend):
+def _(do, q, k, v, sinks, out, lse, key, scale, backend):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format))
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+            do.new_empty(0) if sinks is None else torch.empty_like(sinks))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key, scale, backend = inputs
+    q, k, v, sinks, key, scale, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, sinks, out, lse)
     ctx.key, ctx.scale, ctx.backend = key, scale, backend
 
 
 def _backward(ctx, d_out, d_lse):
     # LSE never leaves spattn.attention, so nothing flows into it (d_lse is unused)
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_backward(d_out, q, k, v, out, lse, ctx.key, ctx.scale, ctx.backend)
-    return dq, dk, dv, None, None, None
+    q, k, v, sinks, out, lse = ctx.saved_tensors
+    dq, dk, dv, dsinks = attention_backward(d_out, q, k, v, sinks, out, lse, ctx.key, ctx.scale,
+                                            ctx.backend)
+    return dq, dk, dv, None if sinks is None else dsinks, None, None, None
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str, scale: float,
-              backend: str) -> torch.Tensor:
+              backend: str, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The differentiable output of `backend` for a registered pattern."""
-    return attention_forward(q, k, v, key, scale, backend)[0]
+    return attention_forward(q, k, v, sinks, key, scale, backend)[0]

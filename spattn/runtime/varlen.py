@@ -111,20 +111,29 @@ def connected_zero(*tensors: torch.Tensor) -> torch.Tensor:
 
 def packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: Bounds,
            attend: Attend) -> torch.Tensor:
-    """Each packed sequence attended on its own, joined along N."""
+    """Each packed sequence attended on its own, joined along N. Queries shorter than keys are
+    the last rows of the packed keys: the rows of the full packed forward, computed by it."""
+    first = k.shape[2] - q.shape[2]
+    if first:
+        full = torch.cat([q.new_zeros(*q.shape[:2], first, q.shape[3]), q], 2)
+        return packed(full, k, v, bounds, attend)[:, :, first:]
     return torch.cat([attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]) for a, b in bounds], 2)
 
 
 def padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: Bounds,
            attend: Attend) -> torch.Tensor:
-    """Each batch row's real tokens attended on their own; zero rows at padding."""
+    """Each batch row's real tokens attended on their own; zero rows at padding. The queries
+    may be the last Nq of the Nk positions (bottom-right): a row's real queries are then the
+    last ones of its real run, and attend them as such."""
+    first = k.shape[2] - q.shape[2]  # the position of query row 0
     rows = []
     for row, (a, b) in enumerate(bounds):
-        pieces = [q.new_zeros(1, q.shape[1], a, q.shape[3])]
-        if b > a:
-            pieces.append(attend(q[row:row + 1, :, a:b], k[row:row + 1, :, a:b],
+        lo, hi = max(a, first) - first, max(b, first) - first  # the row's real query rows
+        pieces = [q.new_zeros(1, q.shape[1], lo, q.shape[3])]
+        if hi > lo:
+            pieces.append(attend(q[row:row + 1, :, lo:hi], k[row:row + 1, :, a:b],
                                  v[row:row + 1, :, a:b]))
-        pieces.append(q.new_zeros(1, q.shape[1], q.shape[2] - max(a, b), q.shape[3]))
+        pieces.append(q.new_zeros(1, q.shape[1], q.shape[2] - hi, q.shape[3]))
         rows.append(torch.cat(pieces, 2))
     out = torch.cat(rows, 0)
     if not out.requires_grad and torch.is_grad_enabled():  # every row padding: zero gradients
