@@ -68,12 +68,13 @@ class DilatedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                 key_padding_mask: torch.Tensor | None = None,
-                seq_lens: list[int] | torch.Tensor | None = None) -> torch.Tensor:
+                seq_lens: list[int] | torch.Tensor | None = None,
+                sinks: torch.Tensor | None = None) -> torch.Tensor:
         """Sparse attention of q over k, v by the module's pattern; several sequences per call
         as `spattn.attention` takes them (a (B, N) key_padding_mask True at padding, or packed
-        seq_lens)."""
+        seq_lens), and attention sinks (H,)."""
         return attention(q, k, v, self.pattern, backend=self.backend, scale=self.scale,
-                         key_padding_mask=key_padding_mask, seq_lens=seq_lens)
+                         key_padding_mask=key_padding_mask, seq_lens=seq_lens, sinks=sinks)
 
     def extra_repr(self) -> str:
         parts = [f"pattern={self.pattern.name!r}"]
@@ -106,6 +107,10 @@ class MultiheadDilatedAttention(nn.Module):
         dropout: attention dropout; only 0.0 is supported.
         device, dtype: where and in which dtype to create the parameters.
         backend: passed to `spattn.attention` (None chooses automatically).
+        sinks: hold a learnable attention-sink logit per head (gpt-oss), initialized to 0:
+            exp(sinks[h]) joins every softmax denominator of head h.
+        subln: a LayerNorm on the attention output before the output projection, as
+            torchscale's MultiheadAttention has with `subln` (its `inner_attn_ln`).
 
     `forward(query, key=None, value=None)` returns the (B, N, E) output only. With key and
     value None it is self-attention. Key and value must have the query's batch and length
@@ -115,7 +120,8 @@ class MultiheadDilatedAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, pattern: PatternLike,
                  kv_heads: int | None = None, bias: bool = True, batch_first: bool = True,
                  dropout: float = 0.0, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, backend: str | None = None) -> None:
+                 dtype: torch.dtype | None = None, backend: str | None = None,
+                 sinks: bool = False, subln: bool = False) -> None:
         super().__init__()
         kv_heads = num_heads if kv_heads is None else kv_heads
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads),
@@ -144,6 +150,8 @@ class MultiheadDilatedAttention(nn.Module):
         self.k_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
         self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.sinks = nn.Parameter(torch.zeros(num_heads, **factory)) if sinks else None
+        self.inner_attn_ln = nn.LayerNorm(embed_dim, **factory) if subln else None
         self.reset_parameters()
 
     @property
@@ -173,6 +181,10 @@ class MultiheadDilatedAttention(nn.Module):
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
+        if self.sinks is not None:
+            nn.init.zeros_(self.sinks)
+        if self.inner_attn_ln is not None:
+            self.inner_attn_ln.reset_parameters()
 
     def _check_input(self, name: str, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -226,13 +238,18 @@ class MultiheadDilatedAttention(nn.Module):
         k = self.k_proj(key).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(value).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
-            out = cache.attend(q, k, v)
+            out = cache.attend(q, k, v, sinks=self.sinks)
         else:
-            out = self.attn(q, k, v, key_padding_mask=key_padding_mask, seq_lens=seq_lens)
-        out = self.out_proj(out.transpose(1, 2).reshape(b, n, self.embed_dim))
+            out = self.attn(q, k, v, key_padding_mask=key_padding_mask, seq_lens=seq_lens,
+                            sinks=self.sinks)
+        out = out.transpose(1, 2).reshape(b, n, self.embed_dim)
+        if self.inner_attn_ln is not None:
+            out = self.inner_attn_ln(out)
+        out = self.out_proj(out)
         return out if self.batch_first else out.transpose(0, 1)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
                 f"kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
-                f"pattern={self.pattern.name!r}, batch_first={self.batch_first}")
+                f"pattern={self.pattern.name!r}, batch_first={self.batch_first}, "
+                f"sinks={self.sinks is not None}, subln={self.inner_attn_ln is not None}")

@@ -156,3 +156,25 @@ def test_bnhd_takes_views_without_copies():
     x = torch.randn(1, 24, 2, 8, dtype=torch.float64)
     out = spattn.attention(x, x, x, LONGNET, layout="bnhd")
     assert out.shape == (1, 24, 2, 8) and out.transpose(1, 2).is_contiguous()
+
+
+def test_module_sinks_are_a_parameter_and_decode_like_the_full_forward():
+    torch.manual_seed(0)
+    mha = spattn.MultiheadDilatedAttention(32, 4, LONGNET, kv_heads=2, sinks=True, subln=True,
+                                           dtype=torch.float64)
+    assert mha.sinks.shape == (4,) and not mha.sinks.any()
+    with torch.no_grad():
+        mha.sinks.copy_(torch.randn(4, dtype=torch.float64))
+    x = torch.randn(2, 40, 32, dtype=torch.float64)
+    full = mha(x)
+    full.sum().backward()
+    assert mha.sinks.grad is not None and mha.sinks.grad.abs().sum() > 0
+    assert mha.inner_attn_ln.weight.grad is not None
+    cache = mha.new_cache()
+    with torch.no_grad():
+        steps = [mha(x[:, a:b], cache=cache) for a, b in ((0, 30), (30, 31), (31, 40))]
+    torch.testing.assert_close(torch.cat(steps, 1), full.detach(), rtol=0, atol=1e-10)
+    without = spattn.MultiheadDilatedAttention(32, 4, LONGNET, kv_heads=2, subln=True,
+                                               dtype=torch.float64)
+    without.load_state_dict({k: v for k, v in mha.state_dict().items() if k != "sinks"})
+    assert (without(x) - full).abs().max() > 1e-3  # the sinks change the output

@@ -27,6 +27,7 @@ from spattn.runtime.cached import attend_cached
 from spattn.runtime.dispatch import (
     InputError,
     attention,
+    check_sinks,
     check_tensors,
     pick_backend,
     resolve_scale,
@@ -105,24 +106,28 @@ class KVCache:
     # ---- decoding -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               sinks: torch.Tensor | None = None) -> torch.Tensor:
         """Outputs (B, H, T, D) of the next T tokens, given their q (B, H, T, D) and k, v
-        (B, Hkv, T, D): rows seen .. seen+T-1 of the full causal forward."""
+        (B, Hkv, T, D): rows seen .. seen+T-1 of the full causal forward. `sinks` (H,) are
+        attention sinks, as `spattn.attention` takes them."""
         call = check_tensors(q, k, v)
         self._check_shape(call)
+        sinks = check_sinks(sinks, call)
         scale = resolve_scale(self.pattern, self.scale, call.head_dim)
         first, t = self.seen, call.seq_len
         if t == 0:
             return q.new_zeros(q.shape)
         new = torch.arange(first, first + t, dtype=torch.int64, device=q.device)
         if first == 0:  # a prompt: the ordinary forward over its tokens
-            out = attention(q, k, v, self.pattern, backend=self._backend_name, scale=scale)
+            out = attention(q, k, v, self.pattern, backend=self._backend_name, scale=scale,
+                            sinks=sinks)
             keys, values, positions = k, v, new
         else:
             keys = torch.cat([self.keys, k], dim=2)
             values = torch.cat([self.values, v], dim=2)
             positions = torch.cat([self.positions, new])
-            out = self._decode(q, keys, values, positions, first, scale)
+            out = self._decode(q, keys, values, positions, first, scale, sinks)
         uses = torch.from_numpy(last_use(self.pattern, call.heads, np.arange(first, first + t)))
         uses = uses.to(q.device)
         if first:
@@ -133,12 +138,12 @@ class KVCache:
         self.positions, self._last_use = positions[keep], uses[keep]
         return out
 
-    def _decode(self, q, keys, values, positions, first, scale) -> torch.Tensor:
-        if self._backend_name == "triton":
+    def _decode(self, q, keys, values, positions, first, scale, sinks) -> torch.Tensor:
+        if self._backend_name == "triton" and sinks is None:
             module = triton_backend.compiled_module(self.pattern)
             return module.decode_attention(q.contiguous(), keys, values, positions, first,
                                            scale=scale)
-        return attend_cached(q, keys, values, positions, first, self.pattern, scale)
+        return attend_cached(q, keys, values, positions, first, self.pattern, scale, sinks)
 
     def _check_shape(self, call) -> None:
         """The first call fixes B, H, Hkv, D, dtype and device (and the backend); later calls
