@@ -176,3 +176,131 @@ def test_rows_too_far_apart_for_32_bit_offsets_are_made_contiguous():
     assert q.stride(2) == k.stride(2) == v.stride(2) == dim
     narrow = torch.empty(1, 2048, heads, dim, device="meta").transpose(1, 2)
     assert rows_contiguous(narrow, narrow, narrow)[0].stride(2) == heads * dim  # left as is
+
+
+def _module(pattern, tmp_path):
+    return triton_backend.import_module_file(compile_module(pattern, tmp_path))
+
+
+VIEWS = {  # name -> (view of a leaf, the leaf's shape), for (B, H, N, D) = (2, 2, 24, 16)
+    "expanded": (lambda x: x[:1, :1].expand(2, 2, 24, 16), (1, 1, 24, 16)),
+    "expanded-rows": (lambda x: x[:, :, :1].expand(2, 2, 24, 16), (2, 2, 1, 16)),
+    "transposed": (lambda x: x.transpose(1, 2), (2, 24, 2, 16)),
+    "sliced": (lambda x: x[:, :, ::2], (2, 2, 48, 16)),
+    "last-dim": (lambda x: x[..., ::2], (2, 2, 24, 32)),
+    "contiguous": (lambda x: x, (2, 2, 24, 16)),
+}
+
+
+@pytest.mark.parametrize("kinds", [("expanded", "transposed", "sliced"),
+                                   ("last-dim", "expanded-rows", "transposed")],
+                         ids=lambda kinds: "-".join(kinds))
+@pytest.mark.parametrize("backend", ["module", "triton", "torch"])
+def test_any_input_strides_give_the_contiguous_answer(kinds, backend, tmp_path):
+    """Views (stride 0, transposed, sliced, non-unit last-dim stride), forward and backward,
+    give what their contiguous copies give."""
+    pattern = spattn.Pattern.model_validate({
+        "name": "strides", "causal": True,
+        "branches": [{"segment": 8, "dilation": 2}, {"global": {"tokens": [0]}}]})
+    if backend == "module":
+        attention = _module(pattern, tmp_path).attention
+    else:
+        def attention(q, k, v):
+            return spattn.attention(q, k, v, pattern, backend=backend)
+    gen = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(VIEWS[kind][1], generator=gen) for kind in kinds]
+    d_out = torch.randn(2, 24, 2, 16, generator=gen).transpose(1, 2)  # a strided dO too
+    results = []
+    for copy in (False, True):
+        inputs_ = [leaf.clone().requires_grad_() for leaf in leaves]
+        views = [VIEWS[kind][0](x) for kind, x in zip(kinds, inputs_, strict=True)]
+        if copy:
+            views = [view.contiguous() for view in views]
+        out = attention(*views)
+        results.append((out, *torch.autograd.grad(out, inputs_, d_out)))
+    for got, want in zip(*results, strict=True):
+        assert (got - want).abs().max() < 1e-6
+
+
+def test_scale_must_be_finite_and_positive(tmp_path):
+    module = _module(scaled("longnet-lm", 64), tmp_path)
+    q, k, v = inputs(1, 2, 2, 16, 16)
+    for scale in (0.0, -1.0, float("nan"), float("inf"), "0.5", True):
+        with pytest.raises(spattn.SpattnError, match="scale must be a finite number > 0"):
+            module.attention(q, k, v, scale=scale)
+        with pytest.raises(spattn.SpattnError, match="scale must be a finite number > 0"):
+            module.attention_with_lse(q, k, v, scale=scale)
+    assert module.attention(q, k, v, scale=0.25).shape == q.shape
+
+
+BIG = 2**32  # past int32: every size here acts as N (SEMANTICS: w' = min(w, N))
+
+
+@pytest.mark.parametrize("overlap,branches", [
+    ("multiset", [{"segment": BIG, "dilation": 2}]),
+    ("multiset", [{"segment": 8, "dilation": BIG}, {"segment": BIG, "dilation": BIG}]),
+    ("multiset", [{"window": {"size": BIG}}]),
+    ("multiset", [{"strided": {"stride": BIG}}]),
+    ("multiset", [{"random": {"block": BIG, "blocks": 2}}]),
+    ("union", [{"segment": BIG, "dilation": 3}, {"window": {"size": BIG}},
+               {"strided": {"stride": BIG}}, {"random": {"block": BIG, "blocks": 1}}]),
+], ids=["segment", "dilation", "window", "stride", "block", "union-all"])
+def test_sizes_past_int32_match_the_torch_backend(overlap, branches):
+    pattern = spattn.Pattern.model_validate({"name": "big", "causal": True, "overlap": overlap,
+                                             "branches": branches})
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, d_out = torch.randn(4, 1, 3, 20, 16, generator=gen)
+    results = []
+    for backend in ("triton", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = spattn.attention(*leaves, pattern, backend=backend)
+        results.append((out, *torch.autograd.grad(out, leaves, d_out)))
+    for got, want in zip(*results, strict=True):
+        assert (got - want).abs().max() < 1e-4
+
+
+INTERPRETER_STATES = textwrap.dedent("""
+    import os
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch, spattn
+    from spattn.compiler.codegen import compile_module
+    from spattn.runtime import generated, triton_backend
+    pattern = spattn.Pattern.model_validate({"name": "tiny", "causal": True,
+                                             "branches": [{"segment": 8, "dilation": 2}]})
+    q = torch.randn(1, 1, 16, 16)
+    print(generated.interpreter_state())
+    compiled = triton_backend.import_module_file(compile_module(pattern, FOLDER))
+    for call in (lambda: compiled.attention(q, q, q),
+                 lambda: compiled.decode_attention(q, q, q, torch.arange(16), 0)):
+        try:
+            call()
+        except spattn.SpattnError as error:
+            print("error:", error)
+    os.environ["TRITON_INTERPRET"] = "1"
+    print(generated.interpreter_state())
+    try:
+        spattn.attention(q, q, q, pattern, backend="triton")
+    except spattn.SpattnError as error:
+        print("error:", error)
+""")
+
+
+def test_interpreter_mode_mismatches_are_clear_errors(tmp_path):
+    """Without the interpreter on CPU tensors, and with TRITON_INTERPRET=1 set after triton was
+    imported: one SpattnError each, saying what to do (triton's own errors are obscure)."""
+    from spattn.runtime.generated import interpreter_problem, interpreter_state
+
+    assert interpreter_state().consistent and interpreter_problem(torch.device("cpu")) is None
+    script = INTERPRETER_STATES.replace("FOLDER", repr(str(tmp_path)))
+    env = {**os.environ, "SPATTN_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "InterpreterState(requested=False, active=False)"
+    for line in lines[1:3]:
+        assert line.startswith("error: these tensors are on cpu; the generated kernels need a "
+                               "CUDA device, or run with TRITON_INTERPRET=1 set before "), line
+    assert lines[3] == "InterpreterState(requested=True, active=False)"
+    assert lines[4].startswith("error: TRITON_INTERPRET=1 was set after triton was imported")
+    assert len(lines) == 5
