@@ -152,7 +152,7 @@ def test_triton_backend_says_why_it_cannot_run(monkeypatch):
     with pytest.raises(spattn.SpattnError, match="dtype torch.float64"):
         spattn.attention(q.double(), k.double(), v.double(), pattern, backend="triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(spattn.SpattnError, match="needs a CUDA device"):
+    with pytest.raises(spattn.SpattnError, match="needs? a CUDA device"):
         spattn.attention(q.detach().cpu(), k.cpu(), v.cpu(), pattern, backend="triton")
 
 
@@ -285,12 +285,19 @@ INTERPRETER_STATES = textwrap.dedent("""
 """)
 
 
-def test_interpreter_mode_mismatches_are_clear_errors(tmp_path):
+def test_interpreter_mode_mismatches_are_clear_errors(tmp_path, monkeypatch):
     """Without the interpreter on CPU tensors, and with TRITON_INTERPRET=1 set after triton was
     imported: one SpattnError each, saying what to do (triton's own errors are obscure)."""
     from spattn.runtime.generated import interpreter_problem, interpreter_state
 
-    assert interpreter_state().consistent and interpreter_problem(torch.device("cpu")) is None
+    assert interpreter_state().consistent
+    if interpreter_state().active:  # this process interprets (tests/conftest.py): unset it
+        assert interpreter_problem(torch.device("cpu")) is None
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert not interpreter_state().consistent
+        assert "unset after triton was imported" in interpreter_problem(torch.device("cuda"))
+        assert "need a CUDA device" in interpreter_problem(torch.device("cpu"))
+        monkeypatch.undo()
     script = INTERPRETER_STATES.replace("FOLDER", repr(str(tmp_path)))
     env = {**os.environ, "SPATTN_CACHE_DIR": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

@@ -83,17 +83,18 @@ def interpreter_problem(device: torch.device, kernel: object = None) -> str | No
     module imported next is judged (decorated as TRITON_INTERPRET says now)."""
     state = interpreter_state()
     interpreted = state.requested if kernel is None else _interpreted(kernel)
-    if state.active is not None and interpreted != state.active:
-        if interpreted:
-            return ("TRITON_INTERPRET=1 was set after triton was imported, so triton is not in "
-                    "interpreter mode; set it before importing torch, triton or spattn (e.g. in "
-                    "the shell: TRITON_INTERPRET=1 python ...)")
-        return ("TRITON_INTERPRET was unset after triton was imported in interpreter mode; set "
-                "it (or not) once, before importing torch, triton or spattn (e.g. in the shell)")
+    if interpreted and state.active is False:
+        return ("TRITON_INTERPRET=1 was set after triton was imported, so triton is not in "
+                "interpreter mode; set it before importing torch, triton or spattn (e.g. in the "
+                "shell: TRITON_INTERPRET=1 python ...)")
+    unset = ("TRITON_INTERPRET was unset after triton was imported in interpreter mode"
+             if not interpreted and state.active else "")
     if not interpreted and device.type != "cuda":
         return (f"these tensors are on {device.type}; the generated kernels need a CUDA device, "
                 f"or run with TRITON_INTERPRET=1 set before importing torch, triton or spattn "
-                f"(e.g. in the shell)")
+                f"(e.g. in the shell)" + (f" ({unset})" if unset else ""))
+    if unset:
+        return f"{unset}; set it (or not) once, before importing torch, triton or spattn"
     return None
 
 
