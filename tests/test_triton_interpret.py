@@ -293,11 +293,11 @@ def test_interpreter_mode_mismatches_are_clear_errors(tmp_path, monkeypatch):
     assert interpreter_state().consistent
     if interpreter_state().active:  # this process interprets (tests/conftest.py): unset it
         assert interpreter_problem(torch.device("cpu")) is None
-        monkeypatch.delenv("TRITON_INTERPRET")
-        assert not interpreter_state().consistent
-        assert "unset after triton was imported" in interpreter_problem(torch.device("cuda"))
-        assert "need a CUDA device" in interpreter_problem(torch.device("cpu"))
-        monkeypatch.undo()
+        with monkeypatch.context() as patch:
+            patch.delenv("TRITON_INTERPRET")
+            assert not interpreter_state().consistent
+            assert "unset after triton was imported" in interpreter_problem(torch.device("cuda"))
+            assert "need a CUDA device" in interpreter_problem(torch.device("cpu"))
     script = INTERPRETER_STATES.replace("FOLDER", repr(str(tmp_path)))
     env = {**os.environ, "SPATTN_CACHE_DIR": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
