@@ -68,3 +68,14 @@ def random_blocks(block: int, count: int, seed: int, seq_len: int, heads: int, c
     table = np.stack([draw_blocks(seed, h, candidates, count) for h in range(heads)]) \
         if blocks else np.zeros((heads, 0, count), dtype=np.int64)
     return torch.from_numpy(table)
+
+
+def first_rows(block: int, count: int, seed: int, seq_len: int, head: int, causal: bool,
+               rows: int) -> np.ndarray:
+    """The first `rows` query blocks of head `head`'s table, as `random_blocks` draws them, with
+    at most as many slots as there are blocks (the rest would be -1): for pictures of the first
+    tokens of a long sequence, without drawing the whole table."""
+    blocks = -(-seq_len // block)
+    index = np.arange(min(rows, blocks))
+    candidates = index + 1 if causal else np.full(len(index), blocks)
+    return draw_blocks(seed, head, candidates, max(1, min(count, blocks)))

@@ -12,6 +12,11 @@ other branches, only at the tokens. N = 1,000,000 takes well under a second for 
 patterns, about a second for BigBird's.
 
 `brute_force_pairs` materializes the mask; it exists to test the closed forms on small N.
+
+Only random blocks and the union are not closed forms: past MAX_WORK elements of work (a random
+table of heads x N / block x blocks draws, or the union's cells) they raise WorkLimitError
+rather than take minutes and gigabytes. Counts past 2^63 are exact: arrays whose products might
+overflow int64 become Python integers (few of them, at such N).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from spattn.limits import check_work
 from spattn.patterns.arrays import ragged
 from spattn.patterns.geometry import (
     Dense,
@@ -44,6 +50,31 @@ class PairCounts:
 
     branches: tuple[int, ...]
     total: int
+
+
+class _Work:
+    """Elements of work spent so far on one count, refused past MAX_WORK (`what` names it)."""
+
+    VISIT = 1000  # one step of inclusion-exclusion: numpy's overhead, as elements
+
+    def __init__(self, what: str) -> None:
+        self.what, self.spent = what, 0
+
+    def spend(self, elements: int) -> None:
+        self.spent += elements
+        check_work(self.spent, self.what)
+
+
+def _exact(values: np.ndarray, n: int) -> np.ndarray:
+    """`values` as Python integers when products of them may pass int64 (N past 2^31)."""
+    return values.astype(object) if n > 2**31 else values
+
+
+def check_random_table(geometry: RandomBlocks) -> None:
+    """WorkLimitError when the draw table (heads x query blocks x blocks) passes MAX_WORK."""
+    size = geometry.heads * -(-geometry.seq_len // geometry.block) * geometry.blocks
+    check_work(size, f"random blocks ({geometry.blocks} of {geometry.block} tokens, "
+                     f"{geometry.heads} heads) at N = {geometry.seq_len:,}")
 
 
 # --- costs (SEMANTICS.md, "Costs") ----------------------------------------------------------------
@@ -125,8 +156,9 @@ def _block_rows(block: int, n: int) -> np.ndarray:
 def _random_pairs(geometry: RandomBlocks, n: int, heads: int, causal: bool) -> int:
     """Sum over (head, query block i, drawn key block j) of the tile's pairs: rows_i * rows_j,
     or rows_i (rows_i + 1) / 2 on the diagonal when causal (and none above it)."""
+    check_random_table(geometry)
     table = geometry.table()[:heads].numpy()  # (heads, query blocks, slots)
-    rows = _block_rows(geometry.block, n)
+    rows = _exact(_block_rows(geometry.block, n), n)
     query_rows = rows[None, :table.shape[1], None]
     tile = query_rows * rows[np.maximum(table, 0)]
     if causal:
@@ -191,6 +223,8 @@ def _combine(c: np.ndarray, m: int, c2: np.ndarray, r: int, n: int
         return c, m, (c - c2) % r == 0
     g = math.gcd(m, r)
     rg = r // g
+    if m * rg >= 2**62:  # the new step would overflow int64: compute it in Python integers
+        c, c2 = np.asarray(c).astype(object), np.asarray(c2).astype(object)
     ok = (c2 - c) % g == 0
     inverse = pow(m // g, -1, rg) if rg > 1 else 0
     t = ((c2 - c) // g % rg) * inverse % rg
@@ -209,7 +243,8 @@ def _progression_count(lo: np.ndarray, hi: np.ndarray, c: np.ndarray, m: int) ->
 
 
 def _union_sizes(progressions: Sequence[Progression], pos: np.ndarray,
-                 clip_lo: np.ndarray | int, clip_hi: np.ndarray | int, n: int) -> np.ndarray:
+                 clip_lo: np.ndarray | int, clip_hi: np.ndarray | int, n: int, work: _Work
+                 ) -> np.ndarray:
     """|union of the key sets the branches give each query in `pos`, within [clip_lo, clip_hi)|.
 
     Inclusion-exclusion over subsets of branches, depth first; a query leaves a subtree as soon
@@ -221,6 +256,7 @@ def _union_sizes(progressions: Sequence[Progression], pos: np.ndarray,
               m: int, sign: int) -> None:
         at = pos if idx is None else pos[idx]  # idx None: every query
         for j in range(start, len(progressions)):
+            work.spend(len(at) + work.VISIT)
             selected, lo_j, hi_j, c_j, r_j = progressions[j](at)
             lo2, hi2 = np.maximum(lo, lo_j), np.minimum(hi, hi_j)
             c2, m2, ok = _combine(c, m, c_j, r_j, n)
@@ -245,10 +281,12 @@ def _union_sizes(progressions: Sequence[Progression], pos: np.ndarray,
 Cells = tuple[np.ndarray, np.ndarray, np.ndarray, int, int | None]
 
 
-def _split(x: np.ndarray, y: np.ndarray, c: np.ndarray, w: int
+def _split(x: np.ndarray, y: np.ndarray, c: np.ndarray, w: int, work: _Work
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cut every cell [x, y) at the multiples of w inside it."""
-    cell, index = ragged((y - 1) // w - x // w + 1)
+    pieces = (y - 1) // w - x // w + 1
+    work.spend(int(pieces.sum()))
+    cell, index = ragged(pieces)
     first = x[cell]
     start = np.where(index == 0, first, (first // w + index) * w)
     end = np.minimum(y[cell], (start // w + 1) * w)
@@ -256,7 +294,7 @@ def _split(x: np.ndarray, y: np.ndarray, c: np.ndarray, w: int
 
 
 def _residue_classes(x: np.ndarray, y: np.ndarray, c: np.ndarray, step: int, stride: int,
-                     n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+                     n: int, work: _Work) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Split each cell's progression k = c (mod step) into its classes modulo lcm(step, stride),
     keeping the classes with a point in the cell (so never more cells than points)."""
     if step >= n:  # at most one point per cell: a stride keeps its one (diagonal) pair
@@ -264,6 +302,7 @@ def _residue_classes(x: np.ndarray, y: np.ndarray, c: np.ndarray, step: int, str
     stride = min(stride, n)  # (p - k) mod L == 0 means p == k for every L >= n
     classes = stride // math.gcd(step, stride)
     kept = np.minimum(_progression_count(x, y, c, step), classes)
+    work.spend(int(kept.sum()))
     first = x + (c - x) % step  # the cell's first point
     cell, index = ragged(kept)
     lcm = step * classes
@@ -272,12 +311,15 @@ def _residue_classes(x: np.ndarray, y: np.ndarray, c: np.ndarray, step: int, str
 
 def _cell_pairs(m: np.ndarray, step: int, window: int | None, causal: bool) -> int:
     """Pairs among m points spaced `step` apart, closer than `window` if there is one."""
+    if len(m) and int(m.max()) > 2**22:  # m^2 summed over the cells might pass int64
+        m = m.astype(object)
     d = m - 1 if window is None else np.minimum(m - 1, -(-window // step) - 1)
     off_diagonal = d * m - d * (d + 1) // 2
     return int((m + (off_diagonal if causal else 2 * off_diagonal)).sum())
 
 
-def _pair_union(geometries: Sequence[Geometry], head: int, n: int, causal: bool) -> int:
+def _pair_union(geometries: Sequence[Geometry], head: int, n: int, causal: bool, work: _Work
+                ) -> int:
     """|union of the pair sets of dilated, window and strided branches| for one head.
 
     Inclusion-exclusion over subsets, depth first. The pairs common to a subset's dilated
@@ -292,16 +334,17 @@ def _pair_union(geometries: Sequence[Geometry], head: int, n: int, causal: bool)
         nonlocal total
         x, y, c, step, window = cells
         for j in range(start, len(geometries)):
+            work.spend(len(x) + work.VISIT)
             g = geometries[j]
             if isinstance(g, Window):
                 m = _progression_count(x, y, c, step)
                 new = (x, y, c, step, g.size if window is None else min(window, g.size))
             elif isinstance(g, Strided):
-                new = (*_residue_classes(x, y, c, step, g.stride, n), window)
+                new = (*_residue_classes(x, y, c, step, g.stride, n, work), window)
                 m = _progression_count(*new[:4])
             else:
                 w, r = g.segment, g.dilation
-                x2, y2, c2 = _split(x, y, c, w)
+                x2, y2, c2 = _split(x, y, c, w, work)
                 c2, step2, ok = _combine(c2, step, (x2 - x2 % w + g.offsets[head]) % r, r, n)
                 m = _progression_count(x2, y2, c2, step2)
                 m = m if ok is None else np.where(ok, m, 0)
@@ -317,16 +360,34 @@ def _pair_union(geometries: Sequence[Geometry], head: int, n: int, causal: bool)
     return total
 
 
-def _union_one_head(geometries: Sequence[Geometry], head: int, n: int, causal: bool) -> int:
+def _essential(geometries: Sequence[Geometry], head: int) -> list[Geometry]:
+    """The dilated, window and strided branches less those inside another (their union is the
+    same), so that inclusion-exclusion does not visit 2^B subsets of B equal windows.
+
+    Windows nest (only the largest counts); a stride that a smaller one divides keeps a subset
+    of its pairs; a dilated branch repeated with this head's offset adds nothing.
+    """
+    windows = [g for g in geometries if isinstance(g, Window)]
+    strides = sorted({g.stride for g in geometries if isinstance(g, Strided)})
+    dilated = {(g.segment, g.dilation, g.offsets[head]): g for g in geometries
+               if isinstance(g, Dilated)}
+    kept: list[Geometry] = list(dilated.values())
+    kept += [max(windows, key=lambda g: g.size)] if windows else []
+    kept += [Strided(s) for i, s in enumerate(strides) if all(s % t for t in strides[:i])]
+    return kept
+
+
+def _union_one_head(geometries: Sequence[Geometry], head: int, n: int, causal: bool,
+                    work: _Work) -> int:
     if any(isinstance(g, Dense) for g in geometries):
         return dense_pairs(n, 1, causal)
     local = [g for g in geometries if not isinstance(g, Global)]
-    symmetric = [g for g in local if not isinstance(g, RandomBlocks)]  # (p, k) in it iff (k, p)
+    symmetric = _essential(local, head)  # (p, k) in them iff (k, p)
     randoms = [g for g in local if isinstance(g, RandomBlocks)]
     progressions = [_progression(g, head, n) for g in symmetric]
-    total = _pair_union(symmetric, head, n, causal)
+    total = _pair_union(symmetric, head, n, causal, work)
     if randoms:
-        total += _random_beyond(symmetric, progressions, randoms, head, n, causal)
+        total += _random_beyond(symmetric, progressions, randoms, head, n, causal, work)
     tokens = np.array(sorted({t for g in geometries if isinstance(g, Global)
                               for t in g.tokens if t < n}), dtype=np.int64)
     if len(tokens) == 0:
@@ -338,34 +399,40 @@ def _union_one_head(geometries: Sequence[Geometry], head: int, n: int, causal: b
     total += branch_pairs(Global(tuple(tokens.tolist())), n, 1, causal)
     zero, end = np.zeros_like(tokens), np.full_like(tokens, n)
     row_hi, column_lo = (tokens + 1, tokens) if causal else (end, zero)
-    rows = int(_union_sizes(progressions, tokens, zero, row_hi, n).sum())
-    columns = int(_union_sizes(progressions, tokens, column_lo, end, n).sum())
+    rows = int(_union_sizes(progressions, tokens, zero, row_hi, n, work).sum(dtype=object))
+    columns = int(_union_sizes(progressions, tokens, column_lo, end, n, work).sum(dtype=object))
     if randoms:
         rows += _runs_beyond(progressions, tokens, _key_runs(randoms, head, tokens, n), zero,
-                             row_hi, n)
+                             row_hi, n, work)
         columns += _runs_beyond(progressions, tokens, _query_runs(randoms, head, tokens, n),
-                                column_lo, end, n)
+                                column_lo, end, n, work)
+    work.spend(len(tokens) ** 2 * len(local) // 8)  # a bool mask of token pairs per branch
     return total - rows - columns + _token_pairs_in_union(local, head, tokens, causal)
 
 
 def _random_beyond(symmetric: Sequence[Geometry], progressions: Sequence[Progression],
-                   randoms: Sequence[RandomBlocks], head: int, n: int, causal: bool) -> int:
+                   randoms: Sequence[RandomBlocks], head: int, n: int, causal: bool,
+                   work: _Work) -> int:
     """|random pairs of one head that the symmetric branches do not have|.
 
     Rows in one block of every random branch see the same key runs: a tile (those rows x one
     run) that no symmetric branch can reach counts whole; the rows of the others, one by one.
     """
+    for g in randoms:
+        work.spend(-(-n // g.block) * g.blocks)
     starts = np.unique(np.concatenate([np.arange(0, n, g.block) for g in randoms]))
     ends = np.append(starts[1:], n)
     owner, lo, hi = _key_runs(randoms, head, starts, n)
     a, a2 = starts[owner], ends[owner]
     near = _may_meet(symmetric, a, a2, lo, hi)
-    total = int(_tile_size(a[~near], a2[~near], lo[~near], hi[~near], causal).sum())
+    far = [_exact(x[~near], n) for x in (a, a2, lo, hi)]
+    total = int(_tile_size(*far, causal).sum())
     a, a2, lo, hi = a[near], a2[near], lo[near], hi[near]
+    work.spend(int((a2 - a).sum()))  # the rows of the tiles a symmetric branch may reach
     tile, row = ragged(a2 - a)
     pos = a[tile] + row
     runs = (np.arange(len(pos)), lo[tile], hi[tile])
-    return total + _runs_beyond(progressions, pos, runs, 0, pos + 1 if causal else n, n)
+    return total + _runs_beyond(progressions, pos, runs, 0, pos + 1 if causal else n, n, work)
 
 
 def _may_meet(geometries: Sequence[Geometry], a: np.ndarray, a2: np.ndarray, lo: np.ndarray,
@@ -402,7 +469,8 @@ Runs = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _runs_beyond(progressions: Sequence[Progression], pos: np.ndarray, runs: Runs,
-                 clip_lo: np.ndarray | int, clip_hi: np.ndarray | int, n: int) -> int:
+                 clip_lo: np.ndarray | int, clip_hi: np.ndarray | int, n: int, work: _Work
+                 ) -> int:
     """Sum over queries of |their runs within [clip_lo, clip_hi), less the progressions' keys|.
 
     A query's runs must be disjoint; then this is |(S u runs) & clip| - |S & clip|, S the keys
@@ -413,7 +481,8 @@ def _runs_beyond(progressions: Sequence[Progression], pos: np.ndarray, runs: Run
     hi = np.minimum(hi, np.broadcast_to(clip_hi, pos.shape)[owner])
     keep = hi > lo
     owner, lo, hi = owner[keep], lo[keep], hi[keep]
-    return int((hi - lo).sum() - _union_sizes(progressions, pos[owner], lo, hi, n).sum())
+    inside = _union_sizes(progressions, pos[owner], lo, hi, n, work)
+    return int((hi - lo).sum(dtype=object) - inside.sum(dtype=object))
 
 
 def _key_runs(randoms: Sequence[RandomBlocks], head: int, pos: np.ndarray, n: int) -> Runs:
@@ -488,12 +557,17 @@ def union_pairs(geometries: Sequence[Geometry], seq_len: int, heads: int, causal
     # Heads with the same dilated offsets see the same keys, unless random blocks are drawn per
     # head: count each kind of head once.
     per_head = any(isinstance(g, RandomBlocks) for g in geometries)
+    for g in geometries:
+        if isinstance(g, RandomBlocks):
+            check_random_table(g)
+    work = _Work(f"the union of the branches at N = {seq_len:,}")
+    work.spend(heads * len(geometries))
     heads_of: dict[tuple[int, ...], list[int]] = {}
     for h in range(heads):
         kind = tuple(g.offsets[h] for g in geometries if isinstance(g, Dilated))
         kind += (h,) if per_head else ()
         heads_of.setdefault(kind, []).append(h)
-    return sum(len(same) * _union_one_head(geometries, same[0], seq_len, causal)
+    return sum(len(same) * _union_one_head(geometries, same[0], seq_len, causal, work)
                for same in heads_of.values())
 
 

@@ -34,7 +34,7 @@ class Dilated:
 
     def rows_in(self, length: int, offset: int) -> int:
         """How many rows one head keeps in a segment of `length` tokens."""
-        return max(0, math.ceil((length - offset) / self.dilation))
+        return max(0, -(-(length - offset) // self.dilation))  # integers: exact at any size
 
     def selects(self, head: int, pos: torch.Tensor) -> torch.Tensor:
         return (pos % self.segment) % self.dilation == self.offsets[head]

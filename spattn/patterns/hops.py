@@ -13,6 +13,8 @@ link to everything; a random key block is reached from every query block that dr
 step costs O(N^2 / 64) word operations per branch, so N = 4096 takes well under a second for
 LongNet-like patterns.
 `token_graph` builds the same graph explicitly in networkx, for small N and for checking.
+A search that would pass MAX_HOP_WORK word operations (a window of 2 needs N - 1 hops) raises
+WorkLimitError instead of running for minutes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from dataclasses import dataclass
 import networkx as nx
 import numpy as np
 
-from spattn.patterns.counting import branch_mask
+from spattn.limits import MAX_WORK, check_work
+from spattn.patterns.counting import branch_mask, check_random_table
 from spattn.patterns.geometry import (
     Dense,
     Dilated,
@@ -37,6 +40,7 @@ from spattn.patterns.geometry import (
 from spattn.patterns.spec import Pattern
 
 MAX_HOPS_SEQ_LEN = 8192  # beyond this the N x N reachability bits get slow (N^2 / 8 bytes)
+MAX_HOP_WORK = 20 * MAX_WORK  # words read by the steps of one search (about a second)
 
 Step = Callable[[np.ndarray], np.ndarray]
 
@@ -209,13 +213,19 @@ def hop_distance_of(geometries: Sequence[Geometry], seq_len: int, heads: int,
     """`hop_distance` for resolved branches."""
     n = seq_len
     pairs = n * (n - 1) // 2 if causal else n * (n - 1)
+    for g in geometries:
+        if isinstance(g, RandomBlocks):
+            check_random_table(g)
     steps = [_branch_step(g, n, heads, causal) for g in geometries]
     # reach[w, k] bit b: source 64*w + b reaches token k (in the hops taken so far).
     sources = np.arange(n)
     reach = np.zeros((-(-n // 64), n), dtype=np.uint64)
     reach[sources // 64, sources] = np.left_shift(np.uint64(1), (sources % 64).astype(np.uint64))
-    reached, hops = n, 0
+    reached, hops, work = n, 0, 0
     while reached - n < pairs:
+        work += reach.size * (len(steps) + 1)
+        check_work(work, f"the hop distance at N = {n:,} (more than {hops:,} hops)",
+                   MAX_HOP_WORK)
         grown = reach.copy()
         for step in steps:
             grown |= step(reach)
@@ -233,15 +243,20 @@ def hop_distance(pattern: Pattern, seq_len: int, heads: int) -> Hops:
     return hop_distance_of(resolve(pattern, seq_len, heads), seq_len, heads, pattern.causal)
 
 
-def hop_table(pattern: Pattern, seq_len: int, heads: int, start: int = 16,
-              limit: int = 4096) -> tuple[Hops, ...]:
-    """Hop distance at N = start, 2 start, 4 start, ... up to min(seq_len, limit), and at that."""
+def hop_lengths(seq_len: int, start: int = 16, limit: int = 4096) -> list[int]:
+    """N = start, 2 start, 4 start, ... below min(seq_len, limit), and that."""
     top = min(seq_len, limit)
     lengths = []
     while start < top:
         lengths.append(start)
         start *= 2
-    return tuple(hop_distance(pattern, n, heads) for n in [*lengths, top])
+    return [*lengths, top]
+
+
+def hop_table(pattern: Pattern, seq_len: int, heads: int, start: int = 16,
+              limit: int = 4096) -> tuple[Hops, ...]:
+    """Hop distance at N = start, 2 start, 4 start, ... up to min(seq_len, limit), and at that."""
+    return tuple(hop_distance(pattern, n, heads) for n in hop_lengths(seq_len, start, limit))
 
 
 def token_graph(pattern: Pattern, seq_len: int, heads: int) -> nx.DiGraph:

@@ -15,8 +15,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from spattn.errors import SpattnError
+from spattn.limits import check_work
+from spattn.patterns.blocks import first_rows
 from spattn.patterns.counting import branch_mask
-from spattn.patterns.geometry import describe, resolve
+from spattn.patterns.geometry import Geometry, RandomBlocks, describe, resolve
 from spattn.patterns.spec import Pattern
 
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
@@ -33,9 +35,24 @@ def mask_image(pattern: Pattern, seq_len: int, heads: int, head: int, tokens: in
     n = min(tokens, seq_len)
     image = np.ones((n, n, 3))
     for i, g in enumerate(resolve(pattern, seq_len, heads)):
-        mask = branch_mask(g, head, seq_len, pattern.causal, tokens=n).numpy()
-        image[mask] = _rgb(COLOURS[i % len(COLOURS)])
+        image[_mask(g, head, seq_len, pattern.causal, n)] = _rgb(COLOURS[i % len(COLOURS)])
     return image
+
+
+def _mask(g: Geometry, head: int, seq_len: int, causal: bool, n: int) -> np.ndarray:
+    """One branch's mask over the first n tokens; random blocks drawn for those rows only."""
+    if not isinstance(g, RandomBlocks):
+        return branch_mask(g, head, seq_len, causal, tokens=n).numpy()
+    rows = -(-n // g.block)
+    check_work(rows * min(g.blocks, -(-seq_len // g.block)),
+               f"drawing random blocks ({g.blocks} per query block) of the first {n:,} tokens")
+    table = first_rows(g.block, g.blocks, g.seed, seq_len, head, causal, rows)
+    seen = np.zeros((rows, rows), dtype=bool)  # query block x key block, both within the picture
+    row, slot = np.nonzero((table >= 0) & (table < rows))
+    seen[row, table[row, slot]] = True
+    pos = np.arange(n) // g.block
+    mask = seen[pos[:, None], pos[None, :]]
+    return np.tril(mask) if causal else mask
 
 
 def draw_mask(pattern: Pattern, seq_len: int, heads: int, path: str | os.PathLike[str],

@@ -13,12 +13,28 @@ from dataclasses import dataclass
 from typing import Any
 
 from spattn.errors import SpattnError
-from spattn.patterns.counting import count_pairs, dense_pairs, useful_flops
-from spattn.patterns.geometry import describe, resolve
-from spattn.patterns.hops import MAX_HOPS_SEQ_LEN, Hops, hop_distance, hop_table
+from spattn.limits import MAX_HEAD_DIM, MAX_HEADS, MAX_SIZE, WorkLimitError, bound_text, check_work
+from spattn.patterns.counting import (
+    branch_pairs,
+    check_random_table,
+    dense_pairs,
+    union_pairs,
+    useful_flops,
+)
+from spattn.patterns.geometry import (
+    Dilated,
+    Geometry,
+    Global,
+    RandomBlocks,
+    Strided,
+    describe,
+    resolve,
+)
+from spattn.patterns.hops import MAX_HOPS_SEQ_LEN, Hops, hop_distance, hop_lengths
 from spattn.patterns.retention import cache_bound
 from spattn.patterns.spec import (
     DilatedBranch,
+    GlobalBranch,
     Pattern,
     RandomBranch,
     StridedBranch,
@@ -37,7 +53,7 @@ class Row:
     """Counts for one branch, the total, or dense attention."""
 
     label: str
-    pairs: int
+    pairs: int | None  # None: too large to count exactly at this N (see the report's notes)
     density: float  # pairs / dense pairs
     flops: int  # forward useful FLOPs (a backward pass counts 2.5x)
     speedup: float  # dense pairs / pairs: the bound on the speed-up over dense attention
@@ -91,6 +107,7 @@ class InspectReport:
     hops_note: str | None
     tiles: Tiles | None = None  # None when not computed
     cache_tokens: int | None = None  # causal: the most tokens a decoder's KV cache holds
+    notes: tuple[str, ...] = ()  # what was ignored, or not computed and why
 
 
 def choose_heads(pattern: Pattern, heads: int | None) -> int:
@@ -98,8 +115,9 @@ def choose_heads(pattern: Pattern, heads: int | None) -> int:
     required = pattern.required_heads()
     if heads is None:
         return required if required is not None else DEFAULT_HEADS
-    if heads < 1:
-        raise SpattnError(f"--heads: expected an integer >= 1, got {heads}")
+    if not 1 <= heads <= MAX_HEADS:
+        raise SpattnError(f"--heads: expected an integer from 1 to {bound_text(MAX_HEADS)}, "
+                          f"got {heads}")
     if required is not None and heads != required:
         why = "its 'heads'" if pattern.heads is not None else "the length of its offsets lists"
         raise SpattnError(f"--heads: pattern '{pattern.name}' is written for {required} heads "
@@ -140,7 +158,9 @@ def _scale_branch(branch: Any, scale: int) -> Any:
     return branch  # global tokens and dense: nothing to scale
 
 
-def _row(label: str, pairs: int, dense: int, head_dim: int, batch: int) -> Row:
+def _row(label: str, pairs: int | None, dense: int, head_dim: int, batch: int) -> Row:
+    if pairs is None:
+        return Row(label, None, math.nan, 0, math.nan)
     return Row(label, pairs, pairs / dense if dense else 0.0, useful_flops(pairs, head_dim, batch),
                dense / pairs if pairs else math.inf)
 
@@ -174,48 +194,142 @@ def inspect_pattern(pattern: Pattern, seq_len: int, heads: int | None = None,
                     hops: bool = True, tiles: bool = True, block_m: int = DEFAULT_BLOCK,
                     block_n: int = DEFAULT_BLOCK, block: int = DEFAULT_FLEX_BLOCK
                     ) -> InspectReport:
-    """Counts, costs, tiles and hop distances of `pattern` at `seq_len` tokens (module doc)."""
-    for flag, value in (("--seq-len", seq_len), ("--batch", batch), ("--head-dim", head_dim),
-                        ("--block-m", block_m), ("--block-n", block_n), ("--flex-block", block)):
-        if value is not None and value < 1:
-            raise SpattnError(f"{flag}: expected an integer >= 1, got {value}")
+    """Counts, costs, tiles and hop distances of `pattern` at `seq_len` tokens (module doc).
+
+    A part that would pass the work limit (random blocks or a union at a huge N, the tiles, a
+    hop search of thousands of hops) is left out with a note saying so; the rest is reported.
+    """
+    for flag, value, most in (("--seq-len", seq_len, MAX_SIZE), ("--batch", batch, MAX_SIZE),
+                              ("--head-dim", head_dim, MAX_HEAD_DIM),
+                              ("--block-m", block_m, MAX_SIZE), ("--block-n", block_n, MAX_SIZE),
+                              ("--flex-block", block, MAX_SIZE), ("--scale", scale, MAX_SIZE)):
+        if value is not None and not 1 <= value <= most:
+            raise SpattnError(f"{flag}: expected an integer from 1 to {bound_text(most)}, "
+                              f"got {value}")
     heads = choose_heads(pattern, heads)
     head_dim = head_dim or pattern.head_dim or DEFAULT_HEAD_DIM
     pattern = scale_pattern(pattern, scale)
-    counts = count_pairs(pattern, seq_len, heads)
+    geometries = resolve(pattern, seq_len, heads)
+    notes = _ignored_tokens(pattern, seq_len)
+    counts = [_attempt(notes, branch_pairs, g, seq_len, heads, pattern.causal) for g in geometries]
+    if pattern.overlap == "union":
+        total = _attempt(notes, union_pairs, geometries, seq_len, heads, pattern.causal)
+    else:  # multiset: a key two branches both give counts twice
+        total = None if None in counts else sum(counts)
     dense = dense_pairs(seq_len, heads, pattern.causal)
-    labels = [describe(g) for g in resolve(pattern, seq_len, heads)]
+    labels = [describe(g) for g in geometries]
     for i, branch in enumerate(pattern.expanded_branches()):
         if isinstance(branch, DilatedBranch):
             labels[i] += f" ({_offsets(branch, pattern)})"
         elif isinstance(branch, RandomBranch):
             labels[i] += f" (seed {branch.random.seed})"
     rows = tuple(_row(label, pairs, dense, head_dim, batch)
-                 for label, pairs in zip(labels, counts.branches, strict=True))
-    total = _row(f"total ({pattern.overlap})", counts.total, dense, head_dim, batch)
+                 for label, pairs in zip(labels, counts, strict=True))
+    total_row = _row(f"total ({pattern.overlap})", total, dense, head_dim, batch)
     hop, table, note = None, (), None
     if hops:
-        table = hop_table(pattern, seq_len, heads, limit=HOP_TABLE_LIMIT)
-        if seq_len <= HOP_TABLE_LIMIT:
-            hop = table[-1]
-        elif seq_len <= MAX_HOPS_SEQ_LEN:
-            hop = hop_distance(pattern, seq_len, heads)
-        else:
-            note = (f"not computed for N > {MAX_HOPS_SEQ_LEN:,} (an exact all-pairs search "
-                    f"needs N^2 bits); the table below stops at N = {table[-1].seq_len:,}")
-    compared = compare_tiles(pattern, seq_len, heads, labels, block_m, block_n, block) \
-        if tiles else None
+        hop, table, note = _hops(pattern, seq_len, heads)
+    compared = None
+    if tiles:
+        compared = _attempt(notes, _checked_tiles, pattern, geometries, seq_len, heads, labels,
+                            block_m, block_n, block)
     return InspectReport(
         pattern=pattern.name, causal=pattern.causal, overlap=pattern.overlap, seq_len=seq_len,
-        heads=heads, head_dim=head_dim, batch=batch, scale=scale, branches=rows, total=total,
-        dense=_row("dense attention", dense, dense, head_dim, batch), hops=hop, hop_table=table,
-        hops_note=note, tiles=compared,
-        cache_tokens=cache_bound(pattern, heads) if pattern.causal else None)
+        heads=heads, head_dim=head_dim, batch=batch, scale=scale, branches=rows,
+        total=total_row, dense=_row("dense attention", dense, dense, head_dim, batch), hops=hop,
+        hop_table=table, hops_note=note, tiles=compared,
+        cache_tokens=cache_bound(pattern, heads) if pattern.causal else None,
+        notes=tuple(dict.fromkeys(notes)))
+
+
+def _attempt(notes: list[str], function: Any, *args: Any) -> Any:
+    """function(*args), or None with a note when it would pass the work limit."""
+    try:
+        return function(*args)
+    except WorkLimitError as error:
+        notes.append(f"not computed: {error}")
+        return None
+
+
+def _ignored_tokens(pattern: Pattern, seq_len: int) -> list[str]:
+    """A note per global branch with tokens at or past N (SEMANTICS: they are ignored)."""
+    notes = []
+    for i, branch in enumerate(pattern.expanded_branches()):
+        if isinstance(branch, GlobalBranch):
+            past = sorted({t for t in branch.global_.tokens if t >= seq_len})
+            if past:
+                shown = ", ".join(f"{t:,}" for t in past[:8]) + (", ..." if len(past) > 8 else "")
+                notes.append(f"branches[{i}]: {len(past):,} global token(s) at or past N = "
+                             f"{seq_len:,} are ignored: {shown}")
+    return notes
+
+
+def _hops(pattern: Pattern, seq_len: int, heads: int
+          ) -> tuple[Hops | None, tuple[Hops, ...], str | None]:
+    """(hops at N, the table up to HOP_TABLE_LIMIT, a note when the first is not computed);
+    the table stops before the first length whose search passes the work limit."""
+    table: list[Hops] = []
+    for n in hop_lengths(seq_len, limit=HOP_TABLE_LIMIT):
+        try:
+            table.append(hop_distance(pattern, n, heads))
+        except WorkLimitError as error:
+            stop = f"; the table below stops at N = {table[-1].seq_len:,}" if table else ""
+            return None, tuple(table), f"not computed: {error}{stop}"
+    if seq_len <= HOP_TABLE_LIMIT:
+        return table[-1], tuple(table), None
+    if seq_len > MAX_HOPS_SEQ_LEN:
+        return None, tuple(table), (
+            f"not computed for N > {MAX_HOPS_SEQ_LEN:,} (an exact all-pairs search needs N^2 "
+            f"bits); the table below stops at N = {table[-1].seq_len:,}")
+    try:
+        return hop_distance(pattern, seq_len, heads), tuple(table), None
+    except WorkLimitError as error:
+        return None, tuple(table), f"not computed: {error}"
+
+
+def tile_work(geometries: tuple[Geometry, ...], seq_len: int, heads: int, block_m: int,
+              block_n: int, block: int) -> int:
+    """About how many array elements listing the tiles takes (the plan's and the block-sparse
+    kernel's, for every distinct kind of head): a bound checked before listing them."""
+    n, b = seq_len, min(block, block_m, block_n)
+    per_side = -(-n // b)
+    if any(isinstance(g, RandomBlocks) for g in geometries):
+        kinds = heads
+    else:
+        kinds = len({tuple(g.offsets[h] for g in geometries if isinstance(g, Dilated))
+                     for h in range(heads)})
+    work = 0
+    for g in geometries:
+        if isinstance(g, Dilated):
+            segments, rows = -(-n // g.segment), -(-g.segment // g.dilation)
+            work += per_side + segments * (rows * rows if g.dilation > block else 1)
+        elif isinstance(g, Strided):
+            work += per_side * (1 if g.stride <= block else -(-n // g.stride) + 1)
+        elif isinstance(g, Global):
+            work += 2 * per_side * len({t // b for t in g.tokens})
+        elif isinstance(g, RandomBlocks):
+            blocks = -(-n // g.block)
+            work += blocks * g.blocks * (-(-g.block // b) + 1)  # per head: kinds counts heads
+        else:  # window and dense: a band of tiles per row of tiles
+            work += per_side
+    return kinds * work
+
+
+def _checked_tiles(pattern: Pattern, geometries: tuple[Geometry, ...], seq_len: int, heads: int,
+                   labels: list[str], block_m: int, block_n: int, block: int) -> Tiles:
+    check_work(tile_work(geometries, seq_len, heads, block_m, block_n, block),
+               f"the tile lists at N = {seq_len:,} (try a larger --flex-block, --block-m "
+               f"and --block-n)")
+    for g in geometries:
+        if isinstance(g, RandomBlocks):
+            check_random_table(g)
+    return compare_tiles(pattern, seq_len, heads, labels, block_m, block_n, block)
 
 
 def _offsets(branch: DilatedBranch, pattern: Pattern) -> str:
     if branch.offsets:
-        return "offsets " + ",".join(map(str, branch.offsets))
+        shown = ",".join(map(str, branch.offsets[:16]))
+        return "offsets " + shown + (",..." if len(branch.offsets) > 16 else "")
     return f"{pattern.head_offsets} offsets" if branch.dilation > 1 else "every row"
 
 
@@ -311,9 +425,11 @@ def format_report(report: InspectReport) -> str:
     ]
     header = ["branch", "(head, query, key) pairs", "density", "forward FLOPs", "speed-up bound"]
     rows = [[r.label, f"{r.pairs:,}", _percent(r.density), _flops(r.flops), _speedup(r.speedup)]
+            if r.pairs is not None else [r.label, "not counted", "-", "-", "-"]
             for r in (*report.branches, report.total, report.dense)]
     lines += _table(header, rows)
     lines.append("(useful FLOPs = 4 * head_dim * batch * pairs; a backward pass counts 2.5x)")
+    lines += [f"note: {note}" for note in report.notes]
     if report.tiles is not None:
         lines += ["", *_tile_lines(report.tiles)]
     if report.causal:

@@ -29,6 +29,7 @@ from spattn.patterns.spec import Pattern
 FOREVER = np.iinfo(np.int64).max
 UNBOUNDED = 1 << 62  # a sequence length past any real one: segments are not cut short
 SCAN_LIMIT = 1 << 23  # positions scanned for an exact bound; past it, a simple upper bound
+CHUNK = 1 << 20  # positions scanned at once
 
 
 def _geometry(pattern: Pattern, heads: int) -> tuple[Geometry, ...]:
@@ -73,10 +74,13 @@ def cache_bound(pattern: Pattern, heads: int) -> int | None:
     horizon = last_token + 1 + span + period
     if horizon > SCAN_LIMIT:  # before the last token: at most everything; after: one span
         return max(last_token + 1, span - 1 + len(tokens))
-    k = np.arange(horizon)
-    last = np.minimum(last_use(pattern, heads, k), horizon)
-    # key k is kept after L tokens for L in [k + 1, last]: count them with a difference array
-    kept = last >= k + 1
-    change = np.bincount(k[kept] + 1, minlength=horizon + 2)
-    change -= np.bincount(last[kept] + 1, minlength=horizon + 2)
+    # key k is kept after L tokens for L in [k + 1, last]: count them with a difference array,
+    # filled a chunk of keys at a time so that memory stays near one int64 per position
+    change = np.zeros(horizon + 2, dtype=np.int64)
+    for start in range(0, horizon, CHUNK):
+        k = np.arange(start, min(start + CHUNK, horizon))
+        last = np.minimum(last_use(pattern, heads, k), horizon)
+        kept = last >= k + 1
+        np.add.at(change, k[kept] + 1, 1)
+        np.add.at(change, last[kept] + 1, -1)
     return int(np.cumsum(change)[:horizon + 1].max())
