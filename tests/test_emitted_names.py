@@ -112,3 +112,13 @@ def test_the_compile_cache_needs_no_name_check(tmp_path, monkeypatch):
 def test_check_module_name_accepts_plain_names(tmp_path):
     assert check_module_name("longnet_lm", tmp_path) == "longnet_lm"
     assert check_module_name("match", tmp_path) == "match"  # soft keywords import fine
+
+
+def test_recompiling_into_a_folder_on_sys_path(tmp_path, monkeypatch):
+    """The module being rewritten does not shadow itself; the same name elsewhere would."""
+    (tmp_path / "mine_attn.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert check_module_name("mine_attn", ".") == "mine_attn"
+    with pytest.raises(SpattnError, match="would shadow the installed module mine_attn"):
+        check_module_name("mine_attn", tmp_path / "elsewhere")

@@ -4,5 +4,6 @@
   in dilated coordinates), built analytically; `tiles` holds the tile-set shapes.
 - `layouts`: exports for comparison and interop (FlexAttention, DeepSpeed-style 0/1 layouts,
   the tiles a block-sparse kernel over original positions would compute).
-- `codegen`: renders templates/*.jinja into one module per pattern, written atomically.
+- `codegen`: renders templates/*.jinja into one module per pattern; `files` writes it
+  atomically (and cleans killed writers' temporary files); `names` checks its import name.
 """

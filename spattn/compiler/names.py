@@ -56,9 +56,15 @@ def _why_not(name: str, out_dir: Path | None) -> str | None:
     if out_dir is not None and (Path(out_dir) / name).is_dir():
         return f"names a folder in {out_dir}, which Python would import instead"
     origin = _installed(name)
-    if origin is not None and (out_dir is None or Path(origin) != Path(out_dir) / f"{name}.py"):
+    if origin is not None and not _same_file(origin, out_dir, name):
         return f"would shadow the installed module {name} ({origin})"
     return None
+
+
+def _same_file(origin: str, out_dir: Path | None, name: str) -> bool:
+    """Whether `origin` is the file being written (recompiling into a folder on sys.path)."""
+    return out_dir is not None and Path(origin).resolve() == (Path(out_dir) / f"{name}.py"
+                                                              ).resolve()
 
 
 def _installed(name: str) -> str | None:
