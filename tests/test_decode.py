@@ -235,7 +235,7 @@ def test_an_unavailable_backend_says_why(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     cache = spattn.KVCache(LONGNET_256, backend="triton")
     q, k, v = _inputs(1, 2, 2, 3, 8, dtype=torch.float32)
-    with pytest.raises(BackendError, match="needs a CUDA device"):
+    with pytest.raises(BackendError, match="need a CUDA device"):
         cache.attend(q, k, v)
 
 

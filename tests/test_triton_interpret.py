@@ -309,5 +309,6 @@ def test_interpreter_mode_mismatches_are_clear_errors(tmp_path, monkeypatch):
         assert line.startswith("error: these tensors are on cpu; the generated kernels need a "
                                "CUDA device, or run with TRITON_INTERPRET=1 set before "), line
     assert lines[3] == "InterpreterState(requested=True, active=False)"
-    assert lines[4].startswith("error: TRITON_INTERPRET=1 was set after triton was imported")
+    assert lines[4].startswith("error: backend 'triton' cannot run this call: "
+                               "TRITON_INTERPRET=1 was set after triton was imported")
     assert len(lines) == 5

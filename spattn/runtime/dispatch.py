@@ -7,7 +7,6 @@ that cannot run raises with its reasons and never falls back silently.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -78,9 +77,12 @@ class TritonBackend(Backend):
     name = "triton"
 
     def why_not(self, call: Call, pattern: Pattern) -> str | None:
-        interpret = os.environ.get("TRITON_INTERPRET") == "1"
-        if call.device.type != "cuda" and not interpret:
-            return f"needs a CUDA device (got {call.device}; on CPU set TRITON_INTERPRET=1)"
+        # (generated.py imports this module: import it here, when a call is checked)
+        from spattn.runtime.generated import interpreter_problem
+
+        problem = interpreter_problem(call.device)
+        if problem:
+            return problem
         if call.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return f"dtype {call.dtype} is not one of float32, float16, bfloat16"
         return None
