@@ -47,7 +47,8 @@ def short_int(value: int) -> str:
     """An integer for an error message: its digits, or only how many there are when huge."""
     if abs(value) < 10**30:
         return str(value)
-    digits = math.floor(math.log10(abs(value))) + 1  # exact enough to tell the size
+    digits = math.floor(math.log10(abs(value))) + 1
+    digits -= 10 ** (digits - 1) > abs(value)  # log10 of 99...9 may round up to the next power
     return f"an integer of {digits} digits"
 
 

@@ -406,7 +406,7 @@ def _union_one_head(geometries: Sequence[Geometry], head: int, n: int, causal: b
                              row_hi, n, work)
         columns += _runs_beyond(progressions, tokens, _query_runs(randoms, head, tokens, n),
                                 column_lo, end, n, work)
-    work.spend(len(tokens) ** 2 * len(local) // 8)  # a bool mask of token pairs per branch
+    work.spend(len(tokens) ** 2 * len(local) // 4)  # token x token masks, vectorized, chunked
     return total - rows - columns + _token_pairs_in_union(local, head, tokens, causal)
 
 

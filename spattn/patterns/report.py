@@ -209,6 +209,9 @@ def inspect_pattern(pattern: Pattern, seq_len: int, heads: int | None = None,
     heads = choose_heads(pattern, heads)
     head_dim = head_dim or pattern.head_dim or DEFAULT_HEAD_DIM
     pattern = scale_pattern(pattern, scale)
+    branches = len(pattern.expanded_branches())
+    # Every part resolves the pattern: an offset per head and branch, a few dozen times.
+    check_work(20 * heads * branches, f"inspecting {heads:,} heads x {branches} branches")
     geometries = resolve(pattern, seq_len, heads)
     notes = _ignored_tokens(pattern, seq_len)
     counts = [_attempt(notes, branch_pairs, g, seq_len, heads, pattern.causal) for g in geometries]
@@ -230,7 +233,9 @@ def inspect_pattern(pattern: Pattern, seq_len: int, heads: int | None = None,
     if hops:
         hop, table, note = _hops(pattern, seq_len, heads)
     compared = None
-    if tiles:
+    if tiles and total is None:  # the tiles' total needs the count refused above
+        notes.append("not computed: the tile comparison, which needs the total count")
+    elif tiles:
         compared = _attempt(notes, _checked_tiles, pattern, geometries, seq_len, heads, labels,
                             block_m, block_n, block)
     return InspectReport(
