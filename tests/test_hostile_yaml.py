@@ -258,6 +258,16 @@ def test_size_bounds_hold_in_python_too() -> None:
             Pattern.model_validate(data)
 
 
+def test_python_alias_bomb_fails_fast() -> None:
+    laugh: list = ["lol"]
+    for _ in range(9):
+        laugh = [laugh] * 10  # 10^9 items, shared
+    with bounded(), pytest.raises(ValidationError) as info:
+        Pattern.model_validate({"name": "p", "description": laugh, "branches": [{"dense": {}}]})
+    with bounded():
+        assert "description" in str(info.value) and len(str(info.value)) < 400
+
+
 @pytest.mark.parametrize("count", [1_000_000, 10**30, 2**63])
 def test_geometric_count_huge(count: int) -> None:
     refused(f"name: p\nschedule:\n  geometric: {{segment: 2048, ratio: 2, count: {count}}}\n",

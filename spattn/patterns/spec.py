@@ -69,7 +69,9 @@ class LocatedValueError(ValueError):
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+    # Errors never print the input: a list of a billion shared items has no printable repr.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True,
+                              hide_input_in_errors=True)
 
 
 class DilatedBranch(_Spec):
