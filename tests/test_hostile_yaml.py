@@ -208,7 +208,7 @@ SIZE_FIELDS = [
     ("branches:\n  - window: {{size: {v}}}", "branches[0].window.size", "2^40"),
     ("branches:\n  - strided: {{stride: {v}}}", "branches[0].strided.stride", "2^40"),
     ("branches:\n  - random: {{block: {v}, blocks: 1}}", "branches[0].random.block", "2^40"),
-    ("branches:\n  - random: {{block: 4, blocks: {v}}}", "branches[0].random.blocks", "2^40"),
+    ("branches:\n  - random: {{block: 4, blocks: {v}}}", "branches[0].random.blocks", "<= 256"),
     ("branches:\n  - random: {{block: 4, blocks: 1, seed: {v}}}", "branches[0].random.seed",
      "2^63 - 1"),
     ("branches:\n  - global: {{tokens: [0, {v}]}}", "branches[0].global.tokens[1]", "2^40"),
@@ -240,7 +240,7 @@ def test_huge_sizes(template: str, field: str, bound: str, value: int) -> None:
     "branches:\n  - {segment: 8, dilation: 1099511627776, offsets: [0, 1099511627775]}",
     "branches:\n  - window: {size: 1099511627776}",
     "branches:\n  - strided: {stride: 1099511627776}",
-    "branches:\n  - random: {block: 1099511627776, blocks: 1099511627776, seed: "
+    "branches:\n  - random: {block: 1099511627776, blocks: 256, seed: "
     "9223372036854775807}",
     "branches:\n  - global: {tokens: [1099511627776]}",
     "heads: 65536\nkv_heads: 65536\nhead_dim: 65536\nbranches:\n  - dense: {}",
@@ -412,7 +412,7 @@ HOSTILE_PATTERNS: dict[str, str] = {
     "many-dilated-union": "name: d\noverlap: union\ncausal: true\nbranches:\n" + "".join(
         f"  - {{segment: {64 * i}, dilation: {i % 5 + 1}}}\n" for i in range(1, 60)),
     "chain-window": "name: c\ncausal: true\nbranches:\n  - window: {size: 2}\n",
-    "huge-random": "name: r\nbranches:\n  - random: {block: 1, blocks: 1099511627776}\n",
+    "huge-random": "name: r\nbranches:\n  - random: {block: 1, blocks: 256}\n",
     "wide-stride": "name: s\noverlap: union\nbranches:\n  - strided: {stride: 129}\n"
                    "  - window: {size: 3}\n",
     "huge-segment": "name: h\noverlap: union\nbranches:\n  - {segment: 1099511627776, dilation: "

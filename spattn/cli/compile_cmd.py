@@ -7,11 +7,13 @@ import json
 import time
 from pathlib import Path
 
+from spattn.cli.args import positive
 from spattn.compiler.codegen import module_name, read_header, render, specialize
 from spattn.compiler.files import write_atomically
 from spattn.compiler.names import check_module_name
 from spattn.compiler.plan import build_plan
 from spattn.errors import SpattnError
+from spattn.limits import WorkLimitError
 from spattn.patterns.loader import load_pattern
 from spattn.patterns.spec import Pattern
 
@@ -27,10 +29,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--module", metavar="NAME",
                    help="module name (default: the pattern's name, with - as _)")
-    p.add_argument("--heads", type=int, metavar="H", help="fix the number of query heads")
-    p.add_argument("--kv-heads", type=int, metavar="HKV", help="fix the number of k/v heads")
-    p.add_argument("--head-dim", type=int, metavar="D", help="fix the head dimension")
-    p.add_argument("--seq-len", type=int, default=PLAN_SEQ_LEN, metavar="N",
+    p.add_argument("--heads", type=positive, metavar="H", help="fix the number of query heads")
+    p.add_argument("--kv-heads", type=positive, metavar="HKV",
+                   help="fix the number of k/v heads")
+    p.add_argument("--head-dim", type=positive, metavar="D", help="fix the head dimension")
+    p.add_argument("--seq-len", type=positive, default=PLAN_SEQ_LEN, metavar="N",
                    help=f"sequence length the plan file describes (default {PLAN_SEQ_LEN}); "
                         "the module itself takes any N")
     p.set_defaults(run=run)
@@ -50,7 +53,11 @@ def run(args: argparse.Namespace) -> int:
     module, plan_path = out / f"{name}.py", out / f"{name}.plan.json"
     _refuse_other_pattern(module, plan_path, pattern)
     heads = pattern.required_heads() or 8
-    plan = build_plan(pattern, args.seq_len, heads, pattern.kv_heads, pattern.head_dim or 64)
+    try:
+        plan = build_plan(pattern, args.seq_len, heads, pattern.kv_heads, pattern.head_dim or 64)
+    except WorkLimitError as error:
+        raise SpattnError(f"{error}; give the plan file a smaller --seq-len (the module itself "
+                          f"takes any N)") from None
     _write(out, {module: render(pattern, name), plan_path: plan.to_json()})
     took = time.perf_counter() - start
     size = module.stat().st_size

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 from spattn.compiler.tiles import Band, BlockPairs, TokenTiles, check_kind
 from spattn.errors import SpattnError
+from spattn.limits import check_work
 from spattn.patterns.counting import dense_pairs, union_pairs, useful_flops
 from spattn.patterns.geometry import (
     Dense,
@@ -336,6 +337,19 @@ def _random(branch: RandomBlocks, n: int, heads: int, causal: bool, block_m: int
                       BlockPairs(n, branch.block, table, causal, block_m, block_n))
 
 
+def _listed(geometries: tuple[Geometry, ...], n: int, heads: int, block: int) -> int:
+    """About how many entries the plan lists: a band of row tiles per window, dense or global
+    branch, a table of draws per random branch; dilated and strided tiles are counted per
+    segment, not listed, and cost nothing here."""
+    work = 0
+    for g in geometries:
+        if isinstance(g, RandomBlocks):
+            work += heads * -(-n // g.block) * g.blocks
+        elif not isinstance(g, (Dilated, Strided)):
+            work += 2 * -(-n // block)
+    return work
+
+
 def build_plan(pattern: Pattern, seq_len: int, heads: int, kv_heads: int | None = None,
                head_dim: int | None = None, block_m: int = 64, block_n: int = 64) -> Plan:
     """The tiles that `pattern` computes at `seq_len` tokens and `heads` query heads.
@@ -361,6 +375,8 @@ def build_plan(pattern: Pattern, seq_len: int, heads: int, kv_heads: int | None 
         geometries = resolve(pattern, seq_len, heads)
     except ValueError as error:
         raise SpattnError(f"heads: {error}") from None
+    check_work(_listed(geometries, seq_len, heads, block_m),
+               f"the tile list of '{pattern.name}' at N = {seq_len:,}")
     n, causal = seq_len, pattern.causal
     branches: list[BranchPlan] = []
     for spec, g in zip(pattern.expanded_branches(), geometries, strict=True):

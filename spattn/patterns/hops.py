@@ -185,6 +185,8 @@ def _random_step(g: RandomBlocks, n: int, heads: int, causal: bool) -> Step:
         out[:, diagonal] |= _suffix_or(grid[:, diagonal], axis=2)
         return out.reshape(len(bits), -1)[:, :n]
 
+    # its cost: a gather per link reads ~10x slower than the bitwise passes the limit is sized by
+    step.words_per_row = blocks * b + 10 * len(query)  # type: ignore[attr-defined]
     return step
 
 
@@ -222,8 +224,10 @@ def hop_distance_of(geometries: Sequence[Geometry], seq_len: int, heads: int,
     reach = np.zeros((-(-n // 64), n), dtype=np.uint64)
     reach[sources // 64, sources] = np.left_shift(np.uint64(1), (sources % 64).astype(np.uint64))
     reached, hops, work = n, 0, 0
+    # words a hop reads per row of `reach`: n per step, more for random steps (their links)
+    per_row = n + sum(getattr(step, "words_per_row", n) for step in steps)
     while reached - n < pairs:
-        work += reach.size * (len(steps) + 1)
+        work += reach.shape[0] * per_row
         check_work(work, f"the hop distance at N = {n:,} (more than {hops:,} hops)",
                    MAX_HOP_WORK)
         grown = reach.copy()

@@ -26,6 +26,7 @@ from pydantic import (
 
 from spattn.limits import (
     MAX_BRANCHES,
+    MAX_DRAWS,
     MAX_HEAD_DIM,
     MAX_HEADS,
     MAX_LIST_ITEMS,
@@ -127,7 +128,7 @@ class StridedBranch(_Spec):
 
 class RandomSpec(_Spec):
     block: Size
-    blocks: Size
+    blocks: Annotated[PositiveInt, _at_most(MAX_DRAWS)]
     seed: Annotated[NonNegativeInt, _at_most(MAX_SEED)] = 0
 
 

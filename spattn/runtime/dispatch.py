@@ -78,11 +78,14 @@ class TritonBackend(Backend):
 
     def why_not(self, call: Call, pattern: Pattern) -> str | None:
         # (generated.py imports this module: import it here, when a call is checked)
-        from spattn.runtime.generated import interpreter_problem
+        from spattn.runtime.generated import MAX_TOKENS, interpreter_problem
 
         problem = interpreter_problem(call.device)
         if problem:
             return problem
+        if call.seq_len > MAX_TOKENS or call.seq_len * call.head_dim >= 2**31:
+            return (f"its kernels take N <= 2^30 tokens and N * D < 2^31 (32-bit offsets), got "
+                    f"N = {call.seq_len}, D = {call.head_dim}")
         if call.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return f"dtype {call.dtype} is not one of float32, float16, bfloat16"
         return None

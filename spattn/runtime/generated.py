@@ -38,6 +38,7 @@ def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: dict,
     if call.seq_len > MAX_TOKENS:
         raise InputError(f"the generated kernels take at most 2^30 tokens, got {call.seq_len}; "
                          f"use backend='torch'")
+    _check_row_offsets(call.seq_len, call.head_dim)
     _check_interpreter(q.device, kernel)
     return call.batch, call.heads, call.seq_len, call.head_dim, call.kv_heads
 
@@ -108,6 +109,13 @@ def fit(size: int, n: int) -> int:
     """A size as a kernel constant for length n: sizes >= n all act as n, so a larger one becomes
     the next power of two >= n (few distinct constants, so few recompiles)."""
     return size if size <= n else min(size, 1 << max(0, n - 1).bit_length())
+
+
+def _check_row_offsets(rows: int, dim: int) -> None:
+    """Row offsets (row * D in contiguous rows) are 32-bit in the kernels."""
+    if rows * dim >= 2**31:
+        raise InputError(f"the generated kernels index rows with 32-bit offsets: N * D = "
+                         f"{rows} * {dim} must stay below 2^31; use backend='torch'")
 
 
 def rows_contiguous(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -246,6 +254,7 @@ def check_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: t
                          f"{tuple(positions.shape)}")
     if first < 0 or first + t > MAX_TOKENS:
         raise InputError(f"first must be in [0, 2^30 - T], got {first}")
+    _check_row_offsets(max(t, k.shape[2]), dim)
     call = Call(batch, heads, k.shape[1], t, dim, q.dtype, q.device, False)
     check_fixed(call, pattern["name"], pattern.get("heads"), pattern.get("kv_heads"),
                 pattern.get("head_dim"), pattern.get("offsets_heads"))
