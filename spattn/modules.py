@@ -37,15 +37,6 @@ class ModuleError(SpattnError, ValueError):
     """A module built with inconsistent sizes, or called with inputs of the wrong shape."""
 
 
-def _as_pattern(pattern: PatternLike) -> Pattern:
-    if isinstance(pattern, Pattern):
-        return pattern
-    if isinstance(pattern, (str, os.PathLike)):
-        return load_pattern(pattern)
-    raise ModuleError(f"pattern must be a spattn.Pattern, a built-in name or a YAML path, "
-                      f"got {type(pattern).__name__}")
-
-
 class DilatedAttention(nn.Module):
     """`spattn.attention(q, k, v, pattern)` as a module, with no parameters.
 
@@ -62,7 +53,7 @@ class DilatedAttention(nn.Module):
     def __init__(self, pattern: PatternLike, *, scale: float | None = None,
                  backend: str | None = None) -> None:
         super().__init__()
-        self.pattern: Pattern = _as_pattern(pattern)
+        self.pattern: Pattern = load_pattern(pattern)
         self.scale = None if scale is None else check_scale(scale)
         self.backend = backend
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import spattn
-from spattn.errors import SpattnError
+from spattn.errors import PatternError, SpattnError
 from spattn.modules import DilatedAttention, ModuleError, MultiheadDilatedAttention
 
 SMALL_LONGNET = spattn.Pattern.model_validate({
@@ -157,9 +157,10 @@ def _fixed(**sizes) -> spattn.Pattern:
 ])
 def test_construction_errors(kwargs, message):
     args = dict(embed_dim=32, num_heads=4, pattern="dense-causal") | kwargs
-    with pytest.raises(ModuleError, match=message) as info:
-        MultiheadDilatedAttention(**args)
-    assert isinstance(info.value, SpattnError) and isinstance(info.value, ValueError)
+    with pytest.raises(SpattnError, match=message) as info:  # ModuleError; PatternError for a
+        MultiheadDilatedAttention(**args)                     # pattern of the wrong type
+    assert isinstance(info.value, ModuleError | PatternError)
+    assert isinstance(info.value, ValueError)
 
 
 def test_unknown_pattern_name_is_a_spattn_error():

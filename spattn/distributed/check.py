@@ -48,8 +48,7 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern 
             backend: str | None, scale: float | None, world: int, group: dist.ProcessGroup
             ) -> Prepared:
     """This rank's own checks and plan; raises on bad input (before any communication)."""
-    if not isinstance(pattern, Pattern):
-        pattern = load_pattern(pattern)
+    pattern = load_pattern(pattern)
     call = check_tensors(q, k, v)
     check_fixed(call, pattern.name, pattern.heads, pattern.kv_heads, pattern.head_dim,
                 pattern.required_heads())

@@ -56,7 +56,7 @@ def register(pattern: Pattern | str | os.PathLike[str], *, backend: str | None =
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    pattern = pattern if isinstance(pattern, Pattern) else load_pattern(pattern)
+    pattern = load_pattern(pattern)
     name = implementation_name(pattern) + (f"-{backend}" if backend else "")
 
     def attention_function(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,

@@ -59,9 +59,18 @@ def builtin_patterns() -> list[BuiltinPattern]:
                            str(_library() / f"{name}.yaml")) for name in builtin_names()]
 
 
-def load_pattern(path_or_name: str | os.PathLike[str]) -> Pattern:
-    """Load a pattern from a YAML file or, failing that, the built-in pattern of that name."""
+def load_pattern(path_or_name: Pattern | str | os.PathLike[str]) -> Pattern:
+    """Load a pattern from a YAML file or, failing that, the built-in pattern of that name; a
+    Pattern is returned as it is. Anything else is a PatternError saying what is expected."""
+    if isinstance(path_or_name, Pattern):
+        return path_or_name
+    if not isinstance(path_or_name, (str, os.PathLike)):
+        raise PatternError(f"pattern must be a spattn.Pattern, a built-in name or a YAML path, "
+                           f"got {type(path_or_name).__name__}")
     path = os.fspath(path_or_name)
+    if not isinstance(path, str):  # a PathLike of bytes
+        raise PatternError(f"pattern must be a spattn.Pattern, a built-in name or a YAML path, "
+                           f"got a path of {type(path).__name__}")
     if os.path.exists(path):
         try:
             with open(path, "rb") as file:

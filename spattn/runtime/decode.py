@@ -47,7 +47,7 @@ class KVCache:
 
     def __init__(self, pattern: Pattern | str, *, backend: str | None = None,
                  scale: float | None = None) -> None:
-        self.pattern = pattern if isinstance(pattern, Pattern) else load_pattern(pattern)
+        self.pattern = load_pattern(pattern)
         if not self.pattern.causal:
             raise SpattnError(f"pattern '{self.pattern.name}' is not causal: decoding needs a "
                               f"causal pattern (a query must not see keys that have not arrived)")

@@ -214,7 +214,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     convention), each row's real tokens one contiguous run. Each sequence is segmented from its
     own first token and never attends another; padding rows get zeros.
     """
-    pattern = pattern if isinstance(pattern, Pattern) else load_pattern(pattern)
+    pattern = load_pattern(pattern)
     if layout not in LAYOUTS:
         raise InputError(f"layout must be 'bhnd' (B, H, N, D) or 'bnhd' (B, N, H, D), got "
                          f"{layout!r}")
