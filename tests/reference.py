@@ -56,6 +56,8 @@ def random_key_blocks(spec: dict, h: int, i: int, n: int, causal: bool) -> set[i
 def branch_mask(branch: dict, mode: str, h: int, heads: int, n: int, causal: bool) -> torch.Tensor:
     """(N, N) bool: query p (row) may see key k (column) through this branch, for head h."""
     mask = torch.zeros(n, n, dtype=torch.bool)
+    if branch.get("heads") is not None and h not in branch["heads"]:
+        return mask  # a branch for other heads
     for p in range(n):
         for k in range(n):
             if causal and k > p:

@@ -127,6 +127,11 @@ def emitter_key() -> str:
 
 def render(pattern: Pattern, module: str | None = None) -> str:
     """The module's source text; `module` is the import name its docstring shows."""
+    for i, branch in enumerate(pattern.expanded_branches()):
+        if branch.heads is not None:
+            raise SpattnError(f"pattern '{pattern.name}': branches[{i}].heads: branches for some "
+                              f"heads only are not supported by the generated kernels yet; use "
+                              f"backend='torch'")
     literal = pattern_literal(pattern)
     return _template("module.py.jinja").render(
         name=pattern.name, module=module or module_name(pattern), pattern_hash=literal["hash"],

@@ -232,6 +232,9 @@ def build_plan(pattern: Pattern, seq_len: int, world_size: int, *, heads: int,
         raise PlanError(str(error)) from None
     branches = []
     for i, g in enumerate(geometries):
+        if g.on_heads is not None:
+            raise PlanError(f"branch {i}: branches for some heads only (`heads:`) are not "
+                            f"supported distributed yet")
         kind = UNSUPPORTED.get(type(g))
         if kind is not None:
             raise PlanError(f"branch {i} ({kind}): {kind} branches are not supported distributed "

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -110,10 +110,21 @@ def _pairs_in_block(rows: int, causal: bool) -> int:
 
 
 def branch_pairs(geometry: Geometry, seq_len: int, heads: int, causal: bool) -> int:
-    """Allowed (head, query, key) triples of one resolved branch, summed over `heads` heads."""
+    """Allowed (head, query, key) triples of one resolved branch, summed over `heads` heads
+    (those it applies to)."""
     n = seq_len
     if n <= 0:
         return 0
+    if geometry.on_heads is not None:  # every kind below counts per head: sum over its heads
+        active = sorted(h for h in geometry.on_heads if h < heads)
+        if isinstance(geometry, Dilated):
+            offsets = tuple(geometry.offsets[h] for h in active)
+            geometry = replace(geometry, offsets=offsets, on_heads=None)
+        elif isinstance(geometry, RandomBlocks):
+            return _random_pairs(geometry, n, heads, causal, active)
+        else:
+            return len(active) * branch_pairs(replace(geometry, on_heads=None), n, 1, causal)
+        heads = len(active)
     if isinstance(geometry, Dilated):
         # Every segment has length w' except a shorter last one; a head with offset s keeps
         # m = ceil((L - s) / r) rows of a segment of length L, i.e. m^2 pairs (causal m(m+1)/2).
@@ -153,11 +164,15 @@ def _block_rows(block: int, n: int) -> np.ndarray:
     return np.minimum(n - np.arange(-(-n // block)) * block, block)
 
 
-def _random_pairs(geometry: RandomBlocks, n: int, heads: int, causal: bool) -> int:
+def _random_pairs(geometry: RandomBlocks, n: int, heads: int, causal: bool,
+                  active: Sequence[int] | None = None) -> int:
     """Sum over (head, query block i, drawn key block j) of the tile's pairs: rows_i * rows_j,
-    or rows_i (rows_i + 1) / 2 on the diagonal when causal (and none above it)."""
+    or rows_i (rows_i + 1) / 2 on the diagonal when causal (and none above it); over the
+    `active` heads when given."""
     check_random_table(geometry)
     table = geometry.table()[:heads].numpy()  # (heads, query blocks, slots)
+    if active is not None:
+        table = table[list(active)]
     rows = _exact(_block_rows(geometry.block, n), n)
     query_rows = rows[None, :table.shape[1], None]
     tile = query_rows * rows[np.maximum(table, 0)]
@@ -563,11 +578,13 @@ def union_pairs(geometries: Sequence[Geometry], seq_len: int, heads: int, causal
     work = _Work(f"the union of the branches at N = {seq_len:,}")
     work.spend(heads * len(geometries))
     heads_of: dict[tuple[int, ...], list[int]] = {}
-    for h in range(heads):
-        kind = tuple(g.offsets[h] for g in geometries if isinstance(g, Dilated))
+    for h in range(heads):  # a kind: the branches a head has, their offsets (and its draws)
+        kind = tuple(int(g.applies(h)) for g in geometries)
+        kind += tuple(g.offsets[h] for g in geometries if isinstance(g, Dilated))
         kind += (h,) if per_head else ()
         heads_of.setdefault(kind, []).append(h)
-    return sum(len(same) * _union_one_head(geometries, same[0], seq_len, causal, work)
+    return sum(len(same) * _union_one_head([g for g in geometries if g.applies(same[0])],
+                                           same[0], seq_len, causal, work)
                for same in heads_of.values())
 
 

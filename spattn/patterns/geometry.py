@@ -24,13 +24,33 @@ from spattn.patterns.spec import (
 )
 
 
+class _OnHeads:
+    """A branch's `on_heads` (the query heads its YAML `heads` lists; None: all) and `allows` on
+    top of each kind's own predicate `_allows`: other heads get no keys."""
+
+    on_heads: frozenset[int] | None
+
+    def applies(self, head: int) -> bool:
+        return self.on_heads is None or head in self.on_heads
+
+    def allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        if self.applies(head):
+            return self._allows(head, qpos, kpos)
+        return torch.zeros(torch.broadcast_shapes(qpos.shape, kpos.shape), dtype=torch.bool,
+                           device=qpos.device)
+
+    def _allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class Dilated:
+class Dilated(_OnHeads):
     """Segments of `segment` (= min(w, N)) tokens; head h keeps rows a + offsets[h] + dilation*i."""
 
     segment: int
     dilation: int
     offsets: tuple[int, ...]
+    on_heads: frozenset[int] | None = None
 
     def rows_in(self, length: int, offset: int) -> int:
         """How many rows one head keeps in a segment of `length` tokens."""
@@ -39,38 +59,41 @@ class Dilated:
     def selects(self, head: int, pos: torch.Tensor) -> torch.Tensor:
         return (pos % self.segment) % self.dilation == self.offsets[head]
 
-    def allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+    def _allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
         same_segment = (qpos // self.segment) == (kpos // self.segment)
         return same_segment & self.selects(head, qpos) & self.selects(head, kpos)
 
 
 @dataclass(frozen=True)
-class Window:
+class Window(_OnHeads):
     size: int
+    on_heads: frozenset[int] | None = None
 
-    def allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+    def _allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
         return (qpos - kpos).abs() < self.size
 
 
 @dataclass(frozen=True)
-class Global:
+class Global(_OnHeads):
     """Global tokens below N, sorted and de-duplicated."""
 
     tokens: tuple[int, ...]
+    on_heads: frozenset[int] | None = None
 
     def is_global(self, pos: torch.Tensor) -> torch.Tensor:
         tokens = torch.tensor(self.tokens, dtype=pos.dtype, device=pos.device)
         return torch.isin(pos, tokens)
 
-    def allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+    def _allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
         return self.is_global(qpos) | self.is_global(kpos)
 
 
 @dataclass(frozen=True)
-class Strided:
+class Strided(_OnHeads):
     """Key k for query p when (p - k) mod stride == 0: each residue class attends itself."""
 
     stride: int
+    on_heads: frozenset[int] | None = None
 
     def classes(self, seq_len: int) -> list[tuple[int, int, int]]:
         """(first residue, how many residues, rows each): the classes of equal size, at most 2."""
@@ -78,12 +101,12 @@ class Strided:
         groups = [(0, min(longer, self.stride), rows + 1), (longer, self.stride - longer, rows)]
         return [(first, count, m) for first, count, m in groups if count and m]
 
-    def allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+    def _allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
         return (qpos - kpos) % self.stride == 0
 
 
 @dataclass(frozen=True)
-class RandomBlocks:
+class RandomBlocks(_OnHeads):
     """Query block i (tokens [i*block, (i+1)*block)) sees the key blocks `table()[head, i]`."""
 
     block: int
@@ -92,20 +115,23 @@ class RandomBlocks:
     seq_len: int
     heads: int
     causal: bool
+    on_heads: frozenset[int] | None = None
 
     def table(self) -> torch.Tensor:
         """(heads, query blocks, blocks) int64 key blocks, -1 where a query block has fewer."""
         return random_blocks(self.block, self.blocks, self.seed, self.seq_len, self.heads,
                              self.causal)
 
-    def allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+    def _allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
         chosen = self.table()[head].to(qpos.device)[qpos // self.block]  # (..., blocks)
         return (chosen == (kpos // self.block).unsqueeze(-1)).any(-1)
 
 
 @dataclass(frozen=True)
-class Dense:
-    def allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+class Dense(_OnHeads):
+    on_heads: frozenset[int] | None = None
+
+    def _allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
         return torch.ones(torch.broadcast_shapes(qpos.shape, kpos.shape), dtype=torch.bool,
                           device=qpos.device)
 
@@ -129,31 +155,54 @@ def resolve(pattern: Pattern, seq_len: int, heads: int) -> tuple[Geometry, ...]:
     if required is not None and required != heads:
         raise ValueError(f"pattern '{pattern.name}' is written for {required} heads, got {heads}")
     resolved: list[Geometry] = []
+    if pattern.min_heads() > heads:
+        raise ValueError(f"pattern '{pattern.name}' has a branch for head {pattern.min_heads() - 1}"
+                         f", but there are {heads} heads")
     for branch in pattern.expanded_branches():
+        on = branch.applies_to()
         if isinstance(branch, DilatedBranch):
             offsets = tuple(branch.offsets) if branch.offsets else head_offsets(
                 pattern.head_offsets, branch.dilation, heads)
-            resolved.append(Dilated(max(1, min(branch.segment, seq_len)), branch.dilation, offsets))
+            resolved.append(Dilated(max(1, min(branch.segment, seq_len)), branch.dilation, offsets,
+                                    on))
         elif isinstance(branch, WindowBranch):
-            resolved.append(Window(branch.window.size))
+            resolved.append(Window(branch.window.size, on))
         elif isinstance(branch, GlobalBranch):
             tokens = sorted({t for t in branch.global_.tokens if t < seq_len})
-            resolved.append(Global(tuple(tokens)))
+            resolved.append(Global(tuple(tokens), on))
         elif isinstance(branch, StridedBranch):
-            resolved.append(Strided(branch.strided.stride))
+            resolved.append(Strided(branch.strided.stride, on))
         elif isinstance(branch, RandomBranch):
             spec = branch.random
             resolved.append(RandomBlocks(spec.block, spec.blocks, spec.seed, seq_len, heads,
-                                         pattern.causal))
+                                         pattern.causal, on))
         elif isinstance(branch, DenseBranch):
-            resolved.append(Dense())
+            resolved.append(Dense(on))
         else:  # pragma: no cover - the spec admits no other kind
             raise TypeError(f"unknown branch {branch!r}")
     return tuple(resolved)
 
 
 def describe(geometry: Geometry) -> str:
-    """A short human label, e.g. 'dilated w=2048 r=1'."""
+    """A short human label, e.g. 'dilated w=2048 r=1' (and 'heads 0-3' when it has some)."""
+    label = _kind_label(geometry)
+    if geometry.on_heads is None:
+        return label
+    return f"{label} heads {_ranges(sorted(geometry.on_heads))}"
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
+def _kind_label(geometry: Geometry) -> str:
     if isinstance(geometry, Dilated):
         return f"dilated w={geometry.segment} r={geometry.dilation}"
     if isinstance(geometry, Window):

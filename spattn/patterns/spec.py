@@ -75,7 +75,28 @@ class _Spec(BaseModel):
                               hide_input_in_errors=True)
 
 
-class DilatedBranch(_Spec):
+class _Branch(_Spec):
+    """What every branch kind may carry: `heads`, the query heads it applies to (all when
+    absent); other heads get nothing from the branch."""
+
+    heads: Annotated[list[Annotated[NonNegativeInt, _at_most(MAX_HEADS - 1)]],
+                     Field(min_length=1, max_length=MAX_HEADS)] | None = None
+
+    @field_validator("heads")
+    @classmethod
+    def _distinct_heads(cls, heads: list[int] | None) -> list[int] | None:
+        seen: set[int] = set()
+        for i, h in enumerate(heads or ()):
+            if h in seen:
+                raise LocatedValueError(f"head {h} is listed twice", (i,))
+            seen.add(h)
+        return heads
+
+    def applies_to(self) -> frozenset[int] | None:
+        return None if self.heads is None else frozenset(self.heads)
+
+
+class DilatedBranch(_Branch):
     """LongNet dilated attention: segments of `segment` tokens, every `dilation`-th row kept."""
 
     segment: Size
@@ -100,7 +121,7 @@ class WindowSpec(_Spec):
     size: Size
 
 
-class WindowBranch(_Spec):
+class WindowBranch(_Branch):
     """Sliding window: keys with |p - k| < size (causal: p - size < k <= p)."""
 
     window: WindowSpec
@@ -110,7 +131,7 @@ class GlobalSpec(_Spec):
     tokens: Annotated[list[Position], Field(min_length=1, max_length=MAX_LIST_ITEMS)]
 
 
-class GlobalBranch(_Spec):
+class GlobalBranch(_Branch):
     """Global tokens: every query sees them, and they see every key."""
 
     global_: GlobalSpec = Field(alias="global")
@@ -120,7 +141,7 @@ class StridedSpec(_Spec):
     stride: Size
 
 
-class StridedBranch(_Spec):
+class StridedBranch(_Branch):
     """The Sparse Transformer's strided attention: keys k with (p - k) mod stride == 0."""
 
     strided: StridedSpec
@@ -132,7 +153,7 @@ class RandomSpec(_Spec):
     seed: Annotated[NonNegativeInt, _at_most(MAX_SEED)] = 0
 
 
-class RandomBranch(_Spec):
+class RandomBranch(_Branch):
     """BigBird's random attention: each query block sees `blocks` key blocks of `block` tokens,
     drawn per head from `seed` (docs/branches.md defines the draw exactly)."""
 
@@ -143,7 +164,7 @@ class DenseSpec(_Spec):
     pass
 
 
-class DenseBranch(_Spec):
+class DenseBranch(_Branch):
     """Every key (causal still applies)."""
 
     dense: DenseSpec
@@ -270,7 +291,17 @@ class Pattern(_Spec):
                     f"expected {expected} offsets (one per head; {why}), got {len(branch.offsets)}",
                     ("branches", i, "offsets"),
                 )
+        for i, branch in enumerate(self.branches or ()):
+            if self.heads is not None and branch.heads and max(branch.heads) >= self.heads:
+                raise LocatedValueError(
+                    f"expected heads in [0, {self.heads}) (heads is {self.heads}), got "
+                    f"{max(branch.heads)}", ("branches", i, "heads", branch.heads.index(
+                        max(branch.heads))))
         return self
+
+    def min_heads(self) -> int:
+        """The fewest query heads a call may have: one more than any branch's largest head."""
+        return max((max(b.heads) + 1 for b in self.branches or () if b.heads), default=1)
 
     def dilated_with_offsets(self) -> list[DilatedBranch]:
         return [b for b in self.branches or () if isinstance(b, DilatedBranch) and b.offsets]
@@ -295,8 +326,9 @@ class Pattern(_Spec):
     def content_hash(self) -> str:
         """A stable hash of what the pattern computes (the description does not count)."""
         data = self.model_dump(mode="json", by_alias=True, exclude={"description"})
-        data["branches"] = [
-            b.model_dump(mode="json", by_alias=True) for b in self.expanded_branches()
+        data["branches"] = [  # (`heads` only where given: hashes from before it stay the same)
+            b.model_dump(mode="json", by_alias=True, exclude=None if b.heads else {"heads"})
+            for b in self.expanded_branches()
         ]
         data.pop("schedule", None)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))

@@ -83,6 +83,8 @@ class TritonBackend(Backend):
         problem = interpreter_problem(call.device)
         if problem:
             return problem
+        if any(b.heads is not None for b in pattern.expanded_branches()):
+            return "its kernels do not take branches for some heads only (`heads:`) yet"
         if call.seq_len > MAX_TOKENS or call.seq_len * call.head_dim >= 2**31:
             return (f"its kernels take N <= 2^30 tokens and N * D < 2^31 (32-bit offsets), got "
                     f"N = {call.seq_len}, D = {call.head_dim}")
@@ -156,6 +158,9 @@ def _choose(pattern: Pattern, sizes: tuple[int, int, int, int, int], dtype: torc
     call = Call(*sizes, dtype, device, needs_grad)
     check_fixed(call, pattern.name, pattern.heads, pattern.kv_heads, pattern.head_dim,
                 pattern.required_heads())
+    if pattern.min_heads() > call.heads:
+        raise InputError(f"pattern '{pattern.name}' has a branch for head "
+                         f"{pattern.min_heads() - 1}, but q has {call.heads} heads")
     return (pick_backend(call, pattern, backend), ops.register(pattern),
             resolve_scale(pattern, scale, call.head_dim))
 

@@ -204,11 +204,14 @@ def plan_pieces(branches: tuple[Geometry, ...], n: int, heads: int, causal: bool
     for head in range(heads):
         written = torch.zeros(n, dtype=torch.bool)  # query rows some earlier piece wrote
         for i, g in enumerate(branches):
+            if not g.applies(head):  # a branch for other heads
+                continue
+            earlier = tuple(e for e in branches[:i] if e.applies(head))
             for piece in branch_pieces(g, n, head, causal):
                 if not piece.q.count or not piece.k.count:
                     continue
-                if union and i:
-                    piece = _without_earlier(piece, branches[:i])
+                if union and earlier:
+                    piece = _without_earlier(piece, earlier)
                 for part in _split(piece, budget):
                     rows = part.q.positions().flatten()
                     fresh = not written[rows].any()
