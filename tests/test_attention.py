@@ -46,6 +46,15 @@ def branches(draw, heads: int, max_n: int):
 
 
 @st.composite
+def with_heads(draw, branch: dict, heads: int) -> dict:
+    """The branch, for some heads only now and then (`heads:`)."""
+    if draw(st.integers(0, 3)) == 0:
+        return {**branch, "heads": draw(st.lists(st.integers(0, heads - 1), min_size=1,
+                                                 max_size=heads, unique=True))}
+    return branch
+
+
+@st.composite
 def problems(draw, max_n: int = 40):
     kv_heads = draw(st.sampled_from([1, 2, 3]))
     heads = kv_heads * draw(st.sampled_from([1, 2]))
@@ -55,7 +64,8 @@ def problems(draw, max_n: int = 40):
         "causal": draw(st.booleans()),
         "overlap": draw(st.sampled_from(["multiset", "union"])),
         "head_offsets": draw(st.sampled_from(["paper", "blocked"])),
-        "branches": draw(st.lists(branches(heads, max_n), min_size=1, max_size=4)),
+        "branches": [draw(with_heads(b, heads)) for b in draw(st.lists(branches(heads, max_n),
+                                                                      min_size=1, max_size=4))],
     }
     batch = draw(st.integers(1, 2))
     dim = draw(st.sampled_from([1, 4, 8]))

@@ -59,6 +59,9 @@ def patterns(draw: st.DrawFn, max_size: int = 24, kinds: tuple[str, ...] = KINDS
                                                          min_size=1, max_size=4))}}
         else:
             branch = {"dense": {}}
+        if draw(st.integers(0, 3)) == 0:  # a branch for some heads only, now and then
+            branch["heads"] = draw(st.lists(st.integers(0, heads - 1), min_size=1,
+                                            max_size=heads, unique=True))
         branches.append(branch)
     data = {
         "name": "random",

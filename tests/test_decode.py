@@ -83,6 +83,11 @@ SMALL = {
     "random": spattn.Pattern.model_validate({
         "name": "random", "causal": True,
         "branches": [{"random": {"block": 5, "blocks": 2, "seed": 4}}, {"window": {"size": 3}}]}),
+    "heads": spattn.Pattern.model_validate({  # retrieval and streaming heads (DuoAttention)
+        "name": "heads", "causal": True, "overlap": "union",
+        "branches": [{"segment": 16, "dilation": 4, "heads": [1, 3]},
+                     {"window": {"size": 6}, "heads": [0, 1, 2]},
+                     {"global": {"tokens": [2]}, "heads": [2]}, {"segment": 8, "dilation": 1}]}),
 }
 
 

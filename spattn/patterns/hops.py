@@ -91,7 +91,7 @@ def _range_or(bits: np.ndarray, before: int, after: int) -> np.ndarray:
 
 def _dilated_step(g: Dilated, n: int, heads: int, causal: bool) -> Step:
     """Columns of one residue class of one segment form a clique (causal: edges point back)."""
-    used = sorted(set(g.offsets[:heads]))
+    used = sorted({g.offsets[h] for h in range(heads) if g.applies(h)})
     full, last = divmod(n, g.segment)
     blocks = []
     for first, length, count in ((0, g.segment, full), (n - last, last, 1)):  # the last is shorter
@@ -162,7 +162,7 @@ def _random_step(g: RandomBlocks, n: int, heads: int, causal: bool) -> Step:
     query block that drew itself reaches each of its keys from the queries at or after it."""
     b = g.block
     blocks = -(-n // b)
-    table = g.table()[:heads].numpy()
+    table = g.table()[[h for h in range(heads) if g.applies(h)]].numpy()
     head, query, slot = np.nonzero(table >= 0)
     key = table[head, query, slot]
     diagonal = np.zeros(blocks, dtype=bool)

@@ -2,7 +2,8 @@
 
 In a causal pattern, row p depends only on tokens 0 .. p, so after the first L tokens a decoder
 needs only the keys that some later query (position >= L) can still attend. `last_use(k)` is the
-last query position that attends key k through any branch and head; key k is kept while
+last query position that attends key k through any branch and head (of those the branch applies
+to); key k is kept while
 last_use(k) >= L:
 
 - dilated (w, r): k's segment ends at a multiple of w, and only rows of k's residue class see k,
@@ -45,7 +46,8 @@ def last_use(pattern: Pattern, heads: int, positions: np.ndarray) -> np.ndarray:
         if isinstance(g, Dilated):
             w, r = g.segment, g.dilation
             s = (k % w) % r
-            selected = np.isin(s, sorted(set(g.offsets)))
+            offsets = {o for h, o in enumerate(g.offsets) if g.applies(h)}  # its heads' rows
+            selected = np.isin(s, sorted(offsets))
             end = k - k % w + s + r * ((w - 1 - s) // r)  # the class's last row in the segment
             last = np.maximum(last, np.where(selected, end, -1))
         elif isinstance(g, Window):
