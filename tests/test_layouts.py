@@ -251,6 +251,17 @@ branches:
   - window: {{size: 8}}
   - strided: {{stride: 8}}
 """
+PER_HEAD = """\
+name: per-head
+causal: {causal}
+overlap: union
+branches:
+  - {{segment: 12, dilation: 3, heads: [0, 2]}}
+  - {{window: {{size: 4}}, heads: [1]}}
+  - {{global: {{tokens: [5]}}, heads: [2]}}
+  - {{random: {{block: 8, blocks: 2, seed: 5}}, heads: [0, 1]}}
+  - {{strided: {{stride: 9}}, heads: [1]}}
+"""
 
 
 @pytest.mark.parametrize("make, n", [
@@ -264,8 +275,11 @@ branches:
     (lambda: load_pattern_text(BIGBIRD_SMALL.format(causal="false")), 70),
     (lambda: load_pattern_text(BIGBIRD_SMALL.format(causal="true")), 70),
     (lambda: load_pattern_text(STRIDED_SMALL.format(causal="true")), 70),
+    (lambda: load_pattern_text(PER_HEAD.format(causal="true")), 45),
+    (lambda: load_pattern_text(PER_HEAD.format(causal="false")), 45),
 ], ids=["mixed-causal", "mixed", "disjoint-causal", "disjoint", "holes", "longnet-lm",
-        "sink-window", "bigbird", "bigbird-causal", "strided-causal"])
+        "sink-window", "bigbird", "bigbird-causal", "strided-causal", "per-head-causal",
+        "per-head"])
 def test_flex_matches_reference(make: object, n: int) -> None:
     """flex_attention with the exported block mask computes the pattern (union semantics),
     queries that no branch selects included (zero output)."""
@@ -276,6 +290,16 @@ def test_flex_matches_reference(make: object, n: int) -> None:
     q, k, v = (torch.randn(2, heads, n, 16, generator=generator) for _ in range(3))
     expected = reference_attention(q, k, v, pattern)
     assert torch.allclose(flex(q, k, v, block_mask).double(), expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("causal", ["true", "false"])
+def test_per_head_branches_match_brute_force(causal: str) -> None:
+    """Branches for some heads only: no tiles, no mask for the other heads."""
+    pattern = load_pattern_text(PER_HEAD.format(causal=causal))
+    for block in (1, 4, 16):
+        check_layouts(pattern, 45, 3, block)
+        check_layouts(pattern, 45, 4, block)  # head 3: no branch at all
+    assert not dense_layout(pattern, 45, 4, 4)[3].any()
 
 
 def test_mask_mod_is_elementwise() -> None:

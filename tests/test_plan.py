@@ -36,7 +36,7 @@ def new_branch(max_size: int) -> st.SearchStrategy[dict]:
     return st.one_of(
         st.builds(lambda stride: {"strided": {"stride": stride}}, size),
         st.builds(lambda b, c, s: {"random": {"block": b, "blocks": c, "seed": s}},
-                  size, st.integers(1, 6), st.integers(0, 3) | st.integers(0, 2**63)))
+                  size, st.integers(1, 6), st.integers(0, 3) | st.integers(0, 2**63 - 1)))
 
 
 @st.composite
@@ -86,6 +86,8 @@ def check_against_masks(pattern: Pattern, n: int, heads: int, plan: Plan) -> Non
                 check_rows(branch, head, n, mask, plan.block_m, plan.block_n)
             elif isinstance(branch, RandomPlan):
                 check_block_pairs(branch.tiles, head, mask)
+            elif branch.on_heads is not None and head not in branch.on_heads:
+                assert not mask.any()  # a branch for other heads
             else:
                 assert listed(branch.tiles) == brute_tiles(mask, plan.block_m, plan.block_n)
         assert branch.pairs == pairs
@@ -94,7 +96,11 @@ def check_against_masks(pattern: Pattern, n: int, heads: int, plan: Plan) -> Non
 def check_rows(branch: DilatedPlan | StridedPlan, head: int, n: int, mask: torch.Tensor,
                block_m: int, block_n: int) -> None:
     """The dilated (or residue-class) problems of one head against its mask."""
-    (group,) = [grp for grp in branch.groups if head in grp.heads]
+    mine = [grp for grp in branch.groups if head in grp.heads]
+    if branch.on_heads is not None and head not in branch.on_heads:
+        assert not mine and not mask.any()  # a branch for other heads: no problem, no pair
+        return
+    (group,) = mine
     s, r = group.offset, branch.dilation
     covered = torch.zeros_like(mask)
     for run in group.runs:
@@ -220,6 +226,27 @@ def test_strided_classes_by_hand() -> None:
     assert branch.tile_count() == 2 * 3 * 3
     assert branch.tile_count("partial") == 2 * (2 + 2 * 1)
     assert branch.pairs == 2 * (10 + 2 * 6)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("branch", ["{segment: 12, dilation: 3}", "{window: {size: 5}}",
+                                    "{global: {tokens: [3, 20]}}", "{strided: {stride: 4}}",
+                                    "{random: {block: 6, blocks: 2, seed: 1}}", "{dense: {}}"])
+def test_branch_for_some_heads_only(branch: str, causal: bool) -> None:
+    """`heads: [0, 2]` of 4: those two heads' tiles and pairs, the others' none."""
+    some = _one_branch(branch[:-1] + ", heads: [0, 2]}", causal, 45, heads=4)
+    (one,), (two,) = _one_branch(branch, causal, 45, heads=4).branches, some.branches
+    pattern = load_pattern_text(f"name: b\ncausal: {str(causal).lower()}\nbranches:\n"
+                                f"  - {branch[:-1]}, heads: [0, 2]}}\n")
+    check_plan(pattern, 45, 4, 4, 8)  # against the masks, by brute force
+    assert two.on_heads == {0, 2} and some.summary()["branches"][0]["heads"] == [0, 2]
+    if isinstance(one, DilatedPlan | StridedPlan):
+        assert {h for g in two.groups for h in g.heads} == {0, 2}
+    if isinstance(one, RandomPlan):  # draws differ per head; heads 1 and 3 draw nothing
+        assert (two.tiles.table[[1, 3]] < 0).all()
+        assert (two.tiles.table[[0, 2]] == one.tiles.table[[0, 2]]).all()
+    elif not isinstance(one, DilatedPlan):  # the same tiles on every head: half of them
+        assert 2 * two.tile_count() == one.tile_count() and 2 * two.pairs == one.pairs
 
 
 def _one_branch(branch: str, causal: bool, n: int, heads: int = 3) -> Plan:

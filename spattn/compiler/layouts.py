@@ -6,8 +6,9 @@
   against), counted from per-row-tile column ranges without an N x N mask.
 
 FlexAttention and block layouts hold one 0/1 mask per head, so they express the *union* of the
-branches: a key that two branches give a query counts once. A `multiset` pattern whose branches
-overlap (see `overlaps`) therefore exports the union mask, which is not exactly that pattern.
+branches (each on the heads it applies to): a key that two branches give a query counts once. A
+`multiset` pattern whose branches overlap (see `overlaps`) therefore exports the union mask, which
+is not exactly that pattern.
 """
 
 from __future__ import annotations
@@ -53,8 +54,22 @@ def overlaps(pattern: Pattern, seq_len: int, heads: int) -> bool:
 # --- FlexAttention --------------------------------------------------------------------------------
 
 
-def _branch_mod(g: Geometry, n: int, device: torch.device | str) -> MaskMod:
+def _branch_mod(g: Geometry, n: int, heads: int, device: torch.device | str) -> MaskMod:
     """One branch's predicate on (batch, head, query, key) index tensors, torch ops only."""
+    mod = _kind_mod(g, n, device)
+    if g.on_heads is None:
+        return mod
+    on = torch.tensor([g.applies(h) for h in range(heads)], device=device)
+
+    def some_heads(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+                   ) -> torch.Tensor:
+        return on[h] & mod(b, h, q, k)
+
+    return some_heads
+
+
+def _kind_mod(g: Geometry, n: int, device: torch.device | str) -> MaskMod:
+    """A branch kind's predicate, for every head."""
     if isinstance(g, Dilated):
         w, r = g.segment, g.dilation
         offsets = torch.tensor(g.offsets, dtype=torch.int64, device=device)
@@ -106,7 +121,7 @@ def _random_mod(g: RandomBlocks, n: int, device: torch.device | str) -> MaskMod:
 def flex_mask_mod(pattern: Pattern, seq_len: int, heads: int,
                   device: torch.device | str = "cpu") -> MaskMod:
     """FlexAttention's mask_mod(b, h, q_idx, kv_idx) for the union of the pattern's branches."""
-    mods = [_branch_mod(g, seq_len, device) for g in resolve(pattern, seq_len, heads)]
+    mods = [_branch_mod(g, seq_len, heads, device) for g in resolve(pattern, seq_len, heads)]
     causal = pattern.causal
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
@@ -236,13 +251,18 @@ def _head_ranges(pattern: Pattern, seq_len: int, heads: int, block: int
     geometries = resolve(pattern, seq_len, heads)
     drawn = any(isinstance(g, RandomBlocks) for g in geometries)  # random draws differ per head
     kinds: dict[tuple[int, ...], list[int]] = {}
-    for h in range(heads):  # heads with the same dilated offsets (and draws) have the same tiles
-        kind = tuple(g.offsets[h] for g in geometries if isinstance(g, Dilated))
+    # heads with the same branches and dilated offsets (and draws) have the same tiles
+    for h in range(heads):
+        kind = tuple(g.applies(h) for g in geometries)
+        kind += tuple(g.offsets[h] for g in geometries if isinstance(g, Dilated))
         kinds.setdefault((*kind, h) if drawn else kind, []).append(h)
     cache: dict[tuple[int, int], Ranges] = {}
+    none = (np.zeros(0, dtype=np.int64),) * 3
 
     def ranges(i: int, head: int) -> Ranges:
         g = geometries[i]
+        if not g.applies(head):  # a branch for other heads
+            return none
         key = (i, g.offsets[head] if isinstance(g, Dilated) else
                head if isinstance(g, RandomBlocks) else 0)
         if key not in cache:

@@ -9,7 +9,8 @@ O(tiles of one segment) whatever N is. A strided branch is planned the same way:
 c holds the rows c, c + L, ..., a dense problem of ceil((N - c) / L) rows (at most two sizes),
 and every head computes every class. Window, global and dense branches are tiled in original
 coordinates, with full tiles (no predicate) and partial ones (apply it); so is each (query block,
-key block) problem of a random branch, whose tiles differ per head (docs/branches.md).
+key block) problem of a random branch, whose tiles differ per head (docs/branches.md). A branch
+for some heads only (`heads:`) has tiles for those heads alone.
 
 With `overlap: union` every branch still computes its own tiles; the kernel masks the pairs an
 earlier branch already gave, so `Plan.pairs` is the de-duplicated count.
@@ -92,7 +93,8 @@ class DilatedPlan(_Grouped):
     segment: int
     dilation: int
     offsets: tuple[int, ...]  # per head
-    groups: tuple[OffsetGroup, ...]  # by increasing offset
+    groups: tuple[OffsetGroup, ...]  # by increasing offset, of the heads it applies to
+    on_heads: frozenset[int] | None = None  # the heads it applies to (None: all)
     kind: ClassVar[str] = "dilated"
 
 
@@ -103,6 +105,7 @@ class StridedPlan(_Grouped):
 
     stride: int
     groups: tuple[OffsetGroup, ...]
+    on_heads: frozenset[int] | None = None
     kind: ClassVar[str] = "strided"
 
     @property
@@ -111,7 +114,7 @@ class StridedPlan(_Grouped):
 
 
 class _SameTilesEachHead:
-    """A branch whose tile set is the same for every head."""
+    """A branch whose tile set is the same for every head it applies to (`heads` of them)."""
 
     heads: int
     tiles: Band | TokenTiles
@@ -131,6 +134,7 @@ class WindowPlan(_SameTilesEachHead):
     size: int
     heads: int
     tiles: Band
+    on_heads: frozenset[int] | None = None
     kind: ClassVar[str] = "window"
 
 
@@ -141,6 +145,7 @@ class GlobalPlan(_SameTilesEachHead):
     tokens: tuple[int, ...]
     heads: int
     tiles: TokenTiles
+    on_heads: frozenset[int] | None = None
     kind: ClassVar[str] = "global"
 
 
@@ -150,19 +155,22 @@ class DensePlan(_SameTilesEachHead):
 
     heads: int
     tiles: Band
+    on_heads: frozenset[int] | None = None
     kind: ClassVar[str] = "dense"
 
 
 @dataclass(frozen=True)
 class RandomPlan:
     """Random key blocks (docs/branches.md): per head, each drawn (query block, key block) pair
-    is a block x block problem in original coordinates, tiled on its own (`BlockPairs`)."""
+    is a block x block problem in original coordinates, tiled on its own (`BlockPairs`; heads
+    the branch does not apply to draw nothing there)."""
 
     block: int
     blocks: int  # slots per query block, c
     seed: int
     heads: int
     tiles: BlockPairs
+    on_heads: frozenset[int] | None = None
     kind: ClassVar[str] = "random"
 
     def tile_count(self, kind: str | None = None) -> int:
@@ -259,6 +267,8 @@ def _branch_summary(branch: BranchPlan, area: int) -> dict[str, Any]:
     tiles = branch.tile_count()
     out: dict[str, Any] = {"kind": branch.kind, "pairs": branch.pairs, "tiles": _tiles(branch),
                            "useful_fraction": branch.pairs / (tiles * area) if tiles else 0.0}
+    if branch.on_heads is not None:
+        out["heads"] = sorted(branch.on_heads)
     if isinstance(branch, DilatedPlan):
         out.update(segment=branch.segment, dilation=branch.dilation, offsets=list(branch.offsets),
                    groups=[{"offset": g.offset, "heads": list(g.heads), "tiles": _tiles(g),
@@ -282,17 +292,18 @@ def _branch_summary(branch: BranchPlan, area: int) -> dict[str, Any]:
 
 def _geometry(branch: BranchPlan, seq_len: int, heads: int, causal: bool) -> Geometry:
     """The resolved geometry of a branch plan again (for the union count)."""
+    on = branch.on_heads
     if isinstance(branch, DilatedPlan):
-        return Dilated(max(1, min(branch.segment, seq_len)), branch.dilation, branch.offsets)
+        return Dilated(max(1, min(branch.segment, seq_len)), branch.dilation, branch.offsets, on)
     if isinstance(branch, StridedPlan):
-        return Strided(branch.stride)
+        return Strided(branch.stride, on)
     if isinstance(branch, WindowPlan):
-        return Window(branch.size)
+        return Window(branch.size, on)
     if isinstance(branch, GlobalPlan):
-        return Global(branch.tokens)
+        return Global(branch.tokens, on)
     if isinstance(branch, RandomPlan):
-        return RandomBlocks(branch.block, branch.blocks, branch.seed, seq_len, heads, causal)
-    return Dense()
+        return RandomBlocks(branch.block, branch.blocks, branch.seed, seq_len, heads, causal, on)
+    return Dense(on)
 
 
 # --- building ------------------------------------------------------------------------------------
@@ -304,21 +315,27 @@ def _band(extent: int, reach: int, causal: bool, block_m: int, block_n: int) -> 
     return Band(extent, 0 if causal else -reach, reach, block_m, block_n)
 
 
-def _dilated(branch: Dilated, written: int, n: int, causal: bool, block_m: int,
+def _applied(branch: Geometry, heads: int) -> tuple[int, ...]:
+    """The heads in [0, heads) that `branch` applies to."""
+    return tuple(h for h in range(heads) if branch.applies(h))
+
+
+def _dilated(branch: Dilated, written: int, n: int, heads: int, causal: bool, block_m: int,
              block_n: int) -> DilatedPlan:
     w, r = branch.segment, branch.dilation
     full, last = divmod(n, w)
     groups = []
-    for offset in sorted(set(branch.offsets)):
+    applied = _applied(branch, heads)
+    for offset in sorted({branch.offsets[h] for h in applied}):
         runs = []
         for start, length, count in ((0, w, full), (full * w, last, 1)):
             m = branch.rows_in(length, offset)  # ceil((L - s) / r), 0 when L <= s
             if count and m:
                 runs.append(SegmentRun(start, length, count, m,
                                        _band(m, m - 1, causal, block_m, block_n)))
-        heads = tuple(h for h, s in enumerate(branch.offsets) if s == offset)
-        groups.append(OffsetGroup(offset, heads, tuple(runs)))
-    return DilatedPlan(written, r, branch.offsets, tuple(groups))
+        same = tuple(h for h in applied if branch.offsets[h] == offset)
+        groups.append(OffsetGroup(offset, same, tuple(runs)))
+    return DilatedPlan(written, r, branch.offsets, tuple(groups), branch.on_heads)
 
 
 def _strided(branch: Strided, n: int, heads: int, causal: bool, block_m: int,
@@ -326,15 +343,20 @@ def _strided(branch: Strided, n: int, heads: int, causal: bool, block_m: int,
     """Residue classes as runs of 1-token "segments": class c is the m rows c + stride * i."""
     runs = tuple(SegmentRun(first, 1, count, m, _band(m, m - 1, causal, block_m, block_n))
                  for first, count, m in branch.classes(n))
-    return StridedPlan(branch.stride, (OffsetGroup(0, tuple(range(heads)), runs),))
+    return StridedPlan(branch.stride, (OffsetGroup(0, _applied(branch, heads), runs),),
+                       branch.on_heads)
 
 
 def _random(branch: RandomBlocks, n: int, heads: int, causal: bool, block_m: int,
             block_n: int) -> RandomPlan:
     """Every head's draw (one small problem per drawn block pair), counted by class of problem."""
     table = branch.table().numpy()  # (heads, query blocks, slots), -1 for an empty slot
+    if branch.on_heads is not None:
+        table = table.copy()
+        table[[h for h in range(heads) if not branch.applies(h)]] = -1
     return RandomPlan(branch.block, branch.blocks, branch.seed, heads,
-                      BlockPairs(n, branch.block, table, causal, block_m, block_n))
+                      BlockPairs(n, branch.block, table, causal, block_m, block_n),
+                      branch.on_heads)
 
 
 def _listed(geometries: tuple[Geometry, ...], n: int, heads: int, block: int) -> int:
@@ -380,19 +402,21 @@ def build_plan(pattern: Pattern, seq_len: int, heads: int, kv_heads: int | None 
     n, causal = seq_len, pattern.causal
     branches: list[BranchPlan] = []
     for spec, g in zip(pattern.expanded_branches(), geometries, strict=True):
+        on = len(_applied(g, heads))  # the heads computing a window, global or dense branch
         if isinstance(g, Dilated):
-            branches.append(_dilated(g, spec.segment, n, causal, block_m, block_n))
+            branches.append(_dilated(g, spec.segment, n, heads, causal, block_m, block_n))
         elif isinstance(g, Window):
-            branches.append(WindowPlan(g.size, heads,
-                                       _band(n, g.size - 1, causal, block_m, block_n)))
+            branches.append(WindowPlan(g.size, on, _band(n, g.size - 1, causal, block_m, block_n),
+                                       g.on_heads))
         elif isinstance(g, Strided):
             branches.append(_strided(g, n, heads, causal, block_m, block_n))
         elif isinstance(g, Global):
-            branches.append(GlobalPlan(g.tokens, heads,
-                                       TokenTiles(n, g.tokens, causal, block_m, block_n)))
+            branches.append(GlobalPlan(g.tokens, on,
+                                       TokenTiles(n, g.tokens, causal, block_m, block_n),
+                                       g.on_heads))
         elif isinstance(g, RandomBlocks):
             branches.append(_random(g, n, heads, causal, block_m, block_n))
         else:
-            branches.append(DensePlan(heads, _band(n, n - 1, causal, block_m, block_n)))
+            branches.append(DensePlan(on, _band(n, n - 1, causal, block_m, block_n), g.on_heads))
     return Plan(pattern.name, pattern.content_hash(), n, heads, kv_heads, head_dim, causal,
                 pattern.overlap, pattern.softmax_scale, block_m, block_n, tuple(branches))
