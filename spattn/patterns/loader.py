@@ -330,7 +330,8 @@ def _allowed_keys(tagged: Loc) -> list[str]:
             model = _submodel(model, part)
     if model is None:
         return []
-    return [f.alias or name for name, f in model.model_fields.items()]
+    keys = [f.alias or name for name, f in model.model_fields.items()]
+    return sorted(keys, key=lambda key: key == "heads")  # a kind's own keys first
 
 
 def _submodel(model: type[BaseModel], key: str) -> type[BaseModel] | None:
