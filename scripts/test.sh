@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 PY=${PYTHON:-python3}
-"$PY" -m ruff check spattn tests benchmarks examples
+"$PY" -m ruff check spattn tests benchmarks examples scripts
 status=0
 "$PY" -m pytest -q "$@" || status=$?
 if [ "$status" -eq 5 ]; then
