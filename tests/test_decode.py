@@ -173,6 +173,8 @@ TRITON_CASES = {
         "branches": [{"global": {"tokens": [0, 9]}}, {"strided": {"stride": 6}},
                      {"random": {"block": 7, "blocks": 2, "seed": 1}},
                      {"segment": 16, "dilation": 2, "offsets": [1, 0, 0, 1]}]}),
+    "heads-union": SMALL["heads"],  # branches for some heads only, mixed within a GQA group
+    "heads-multiset": SMALL["heads"].model_copy(update={"overlap": "multiset"}),
 }
 
 

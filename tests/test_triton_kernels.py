@@ -110,6 +110,38 @@ def test_strided_and_random_blocks(causal):
         _check(pattern, (1, 4, 2, 53, 16))
 
 
+# every kind for some heads only; H = 4 on Hkv = 2, so each key head's group has heads with and
+# without a branch; head 3 has no branch at all (zero output and gradients)
+SOME_HEADS = [{"segment": 12, "dilation": 3, "heads": [0, 2]},
+              {"window": {"size": 5}, "heads": [1]},
+              {"global": {"tokens": [2, 20]}, "heads": [0, 1]},
+              {"strided": {"stride": 5}, "heads": [2]},
+              {"random": {"block": 6, "blocks": 2, "seed": 3}, "heads": [1, 2]},
+              {"dense": {}, "heads": [0]}]
+# union: an earlier branch drops pairs only on its own heads
+EARLIER_HEADS = [{"window": {"size": 6}, "heads": [0, 3]}, {"segment": 10, "dilation": 2},
+                 {"dense": {}, "heads": [1]}, {"global": {"tokens": [4]}, "heads": [2, 3]}]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("overlap, branches", [("multiset", SOME_HEADS), ("union", SOME_HEADS),
+                                               ("union", EARLIER_HEADS)],
+                         ids=["multiset", "union", "union-earlier"])
+def test_branches_for_some_heads(overlap, branches, causal):
+    pattern = spattn.Pattern.model_validate({"name": "some-heads", "causal": causal,
+                                             "overlap": overlap, "branches": branches})
+    _check(pattern, (1, 4, 2, 37, 16))
+
+
+def test_too_few_heads_for_a_branch(tmp_path):
+    pattern = spattn.Pattern.model_validate({"name": "head-three", "branches": [
+        {"window": {"size": 3}}, {"dense": {}, "heads": [3]}]})
+    module = import_module_file(compile_module(pattern, tmp_path))
+    q, k, v = inputs(1, 2, 1, 8, 16)
+    with pytest.raises(spattn.SpattnError, match="a branch for head 3, but q has 2 heads"):
+        module.attention(q, k, v)
+
+
 @pytest.mark.parametrize("dtype", [
     torch.float16,
     pytest.param(torch.bfloat16, marks=pytest.mark.skipif(

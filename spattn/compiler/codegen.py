@@ -62,8 +62,14 @@ def _size(value: int) -> int:
 
 
 def _branch(branch: object) -> dict:
-    """A branch as the templates print it. A dilation past the cap keeps its meaning: the head
-    offsets it gives (h mod r, h // ceil(H / r)) are the same for r = 2^30 while H < 2^30."""
+    """A branch as the templates print it, with the query heads it applies to (None: all)."""
+    heads = sorted(branch.heads) if branch.heads is not None else None
+    return {**_kind(branch), "heads": heads}
+
+
+def _kind(branch: object) -> dict:
+    """A branch's kind and sizes. A dilation past the cap keeps its meaning: the head offsets it
+    gives (h mod r, h // ceil(H / r)) are the same for r = 2^30 while H < 2^30."""
     if isinstance(branch, DilatedBranch):
         return {"kind": "dilated", "segment": _size(branch.segment),
                 "dilation": _size(branch.dilation),
@@ -91,15 +97,27 @@ def pattern_literal(pattern: Pattern) -> dict:
         "overlap": pattern.overlap, "head_offsets": pattern.head_offsets,
         "softmax_scale": pattern.softmax_scale, "heads": pattern.heads,
         "kv_heads": pattern.kv_heads, "head_dim": pattern.head_dim,
-        "offsets_heads": pattern.required_heads(),
+        "offsets_heads": pattern.required_heads(), "min_heads": pattern.min_heads(),
         "branches": [_branch(b) for b in pattern.expanded_branches()],
     }
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5' (a branch's heads in the launcher's comments)."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _template(name: str) -> jinja2.Template:
     text = resources.files("spattn.compiler").joinpath("templates", name).read_text()
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
                              undefined=jinja2.StrictUndefined)
+    env.filters["ranges"] = _ranges
     return env.from_string(text)
 
 
@@ -127,11 +145,6 @@ def emitter_key() -> str:
 
 def render(pattern: Pattern, module: str | None = None) -> str:
     """The module's source text; `module` is the import name its docstring shows."""
-    for i, branch in enumerate(pattern.expanded_branches()):
-        if branch.heads is not None:
-            raise SpattnError(f"pattern '{pattern.name}': branches[{i}].heads: branches for some "
-                              f"heads only are not supported by the generated kernels yet; use "
-                              f"backend='torch'")
     literal = pattern_literal(pattern)
     return _template("module.py.jinja").render(
         name=pattern.name, module=module or module_name(pattern), pattern_hash=literal["hash"],

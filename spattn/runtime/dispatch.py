@@ -83,8 +83,6 @@ class TritonBackend(Backend):
         problem = interpreter_problem(call.device)
         if problem:
             return problem
-        if any(b.heads is not None for b in pattern.expanded_branches()):
-            return "its kernels do not take branches for some heads only (`heads:`) yet"
         if call.seq_len > MAX_TOKENS or call.seq_len * call.head_dim >= 2**31:
             return (f"its kernels take N <= 2^30 tokens and N * D < 2^31 (32-bit offsets), got "
                     f"N = {call.seq_len}, D = {call.head_dim}")

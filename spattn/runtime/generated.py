@@ -31,8 +31,7 @@ def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: dict,
     fixed heads / kv_heads / head_dim; `kernel` (one of the module's @triton.jit functions)
     tells whether triton runs the module the way the tensors need (interpret.py)."""
     call = check_tensors(q, k, v)
-    check_fixed(call, pattern["name"], pattern.get("heads"), pattern.get("kv_heads"),
-                pattern.get("head_dim"), pattern.get("offsets_heads"))
+    _check_heads(call, pattern)
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise InputError(f"the generated kernels take float32, float16 or bfloat16, got {q.dtype}")
     if call.seq_len > MAX_TOKENS:
@@ -41,6 +40,16 @@ def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: dict,
     _check_row_offsets(call.seq_len, call.head_dim)
     _check_interpreter(q.device, kernel)
     return call.batch, call.heads, call.seq_len, call.head_dim, call.kv_heads
+
+
+def _check_heads(call: Call, pattern: dict) -> None:
+    """The call's sizes against what the pattern fixes, and enough query heads for every branch
+    that lists some."""
+    check_fixed(call, pattern["name"], pattern.get("heads"), pattern.get("kv_heads"),
+                pattern.get("head_dim"), pattern.get("offsets_heads"))
+    if pattern.get("min_heads", 1) > call.heads:
+        raise InputError(f"pattern '{pattern['name']}' has a branch for head "
+                         f"{pattern['min_heads'] - 1}, but q has {call.heads} heads")
 
 
 @dataclass(frozen=True)
@@ -189,6 +198,28 @@ def _tokens_cached(tokens: tuple[int, ...], n: int, device: str
     return index.to(torch.int32), is_global
 
 
+@lru_cache(maxsize=64)
+def _heads_cached(on: tuple[tuple[int, ...] | None, ...], heads: int, device: str
+                  ) -> torch.Tensor | None:
+    if all(listed is None for listed in on):
+        return None
+    table = torch.ones((len(on), heads), dtype=torch.int8)
+    for i, listed in enumerate(on):
+        if listed is not None:
+            table[i] = 0
+            table[i, list(listed)] = 1
+    return table.to(device)
+
+
+def head_table(pattern: dict, heads: int, device: torch.device) -> torch.Tensor | None:
+    """(branches, H) int8, 1 where a branch applies to a query head, for the kernels (a branch
+    with `heads:` gives the other heads nothing); None when every branch applies to every head.
+    H must be at least the pattern's min_heads (check)."""
+    on = tuple(tuple(b["heads"]) if b.get("heads") is not None else None
+               for b in pattern["branches"])
+    return _heads_cached(on, heads, str(device))
+
+
 # a branch as the pair tables need it: (dilation or None, explicit offsets or None, global
 # tokens, random (block, draws, seed) or None)
 _Branch = tuple[int | None, tuple[int, ...] | None, tuple[int, ...], tuple[int, int, int] | None]
@@ -256,8 +287,7 @@ def check_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: t
         raise InputError(f"first must be in [0, 2^30 - T], got {first}")
     _check_row_offsets(max(t, k.shape[2]), dim)
     call = Call(batch, heads, k.shape[1], t, dim, q.dtype, q.device, False)
-    check_fixed(call, pattern["name"], pattern.get("heads"), pattern.get("kv_heads"),
-                pattern.get("head_dim"), pattern.get("offsets_heads"))
+    _check_heads(call, pattern)
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype \
             or v.dtype != q.dtype:
         raise InputError(f"the generated kernels take float32, float16 or bfloat16 tensors of "
