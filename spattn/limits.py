@@ -22,6 +22,7 @@ MAX_NAME_LENGTH = 64  # a pattern's name (it names files and modules)
 MAX_LIST_ITEMS = 2**16  # global tokens of one branch (offsets: one per head, MAX_HEADS)
 MAX_SEED = 2**63 - 1  # a random branch's seed
 MAX_DRAWS = 256  # key blocks a random branch draws per query block (kernels unroll over them)
+MAX_WORLD_SIZE = 2**20  # ranks of a distributed plan
 MAX_WORK = 10**7  # array elements an analytic count, tile list, hop search or picture may touch
 
 

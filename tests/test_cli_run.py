@@ -80,6 +80,8 @@ def test_unexpected_errors_are_still_one_line_and_exit_2(monkeypatch, capsys, er
     (["run", "longnet-lm", "--seq-len", "8", "--heads", "0"], "expected an integer from 1"),
     (["run", "longnet-lm", "--seq-len", "1e13"], "(2^40)"),
     (["run", "longnet-lm", "--seq-len", "nan"], "--seq-len"),
+    (["run", "longnet-lm", "--seq-len", "16", "--heads", "65536"], "pieces"),
+    (["plan", "longnet-lm", "--seq-len", "1e12", "--world-size", "1e12"], "2^20"),
     (["run", "no-such-pattern", "--seq-len", "8"], "no built-in pattern"),
     (["run", "longnet-lm", "--seq-len", "8", "--heads", "4", "--kv-heads", "3"],
      "multiple of k/v's heads"),

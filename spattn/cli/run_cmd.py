@@ -17,6 +17,7 @@ from spattn.patterns.loader import load_pattern
 from spattn.runtime.dispatch import attention, resolve_scale
 
 BASELINE_FLOPS = 2e12  # dense work past which the SDPA baseline is left out (minutes on a CPU)
+MAX_PIECES = 20_000  # (head, branch) pieces a run may take: each has its Python overhead
 MEMORY_SHARE = 0.8  # of the machine's available memory the tensors may take
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -125,6 +126,10 @@ def run(args: argparse.Namespace) -> int:
     if args.check_rows < 0:
         raise SpattnError(f"--check-rows must be 0 or more, got {args.check_rows}")
     dtype = DTYPES[args.dtype]
+    branches = len(pattern.expanded_branches())
+    if heads * branches > MAX_PIECES:
+        raise SpattnError(f"--heads: {heads:,} heads x {branches} branches is more than "
+                          f"{MAX_PIECES:,} (head, branch) pieces, which run one by one here")
     _check_memory(batch, heads, kv_heads, n, dim, dtype, args.backward)
     gen = torch.Generator().manual_seed(args.seed)
     q = torch.randn(batch, heads, n, dim, generator=gen).to(dtype)

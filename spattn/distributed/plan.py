@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from spattn.errors import SpattnError
+from spattn.limits import MAX_WORLD_SIZE
 from spattn.patterns.geometry import (
     Dense,
     Dilated,
@@ -218,6 +219,9 @@ def build_plan(pattern: Pattern, seq_len: int, world_size: int, *, heads: int,
                         ("kv_heads", kv_heads), ("head_dim", head_dim), ("batch", batch)):
         if value < 1:
             raise PlanError(f"{name} must be >= 1, got {value}")
+    if world_size > MAX_WORLD_SIZE:
+        raise PlanError(f"world_size must be at most {MAX_WORLD_SIZE:,} (2^20) ranks, got "
+                        f"{world_size:,}")
     if heads % kv_heads:
         raise PlanError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
     if seq_len % world_size:
