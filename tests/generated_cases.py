@@ -53,7 +53,17 @@ def scaled(name: str, factor: int) -> spattn.Pattern:
 @st.composite
 def branch_specs(draw, heads: int, length: int, kinds: tuple[str, ...] = (
         "dilated", "dilated", "window", "global", "strided", "random", "dense")) -> dict:
-    """One branch of any kind in `kinds`, its sizes drawn up to about `length` tokens."""
+    """One branch of any kind in `kinds`, its sizes drawn up to about `length` tokens, now and
+    then for some of the `heads` only (`heads:`)."""
+    branch = draw(_kind_specs(heads, length, kinds))
+    if draw(st.integers(0, 3)) == 0:
+        branch["heads"] = draw(st.lists(st.integers(0, heads - 1), min_size=1, max_size=heads,
+                                        unique=True))
+    return branch
+
+
+@st.composite
+def _kind_specs(draw, heads: int, length: int, kinds: tuple[str, ...]) -> dict:
     kind = draw(st.sampled_from(kinds))
     if kind == "dilated":
         r = draw(st.integers(1, 5))
