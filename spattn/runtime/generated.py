@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -108,7 +110,24 @@ def interpreter_problem(device: torch.device, kernel: object = None) -> str | No
     return None
 
 
+# set while `spattn check` (compiler/aot.py) drives a launcher whose kernels only record
+_RECORDING: ContextVar[bool] = ContextVar("spattn_recording", default=False)
+
+
+@contextmanager
+def recording() -> Iterator[None]:
+    """Launchers skip the device check and pick a CUDA device's tile sizes, for a module whose
+    kernels record their launches instead of running (spattn check)."""
+    token = _RECORDING.set(True)
+    try:
+        yield
+    finally:
+        _RECORDING.reset(token)
+
+
 def _check_interpreter(device: torch.device, kernel: object) -> None:
+    if _RECORDING.get():
+        return
     problem = interpreter_problem(device, kernel)
     if problem:
         raise InputError(problem)
@@ -143,7 +162,8 @@ def rows_contiguous(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def block_sizes(device: torch.device) -> tuple[int, int]:
     """Tile sizes (BLOCK_M, BLOCK_N): small under the CPU interpreter, where tiles are numpy."""
-    if device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1":
+    interpreted = device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
+    if interpreted and not _RECORDING.get():
         return 16, 16
     return 64, 64
 
