@@ -103,7 +103,7 @@ def pattern_literal(pattern: Pattern) -> dict:
 
 
 def _ranges(values: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2, 5' (a branch's heads in the launcher's comments)."""
+    """[0, 1, 2, 5] -> '0-2, 5'."""
     runs: list[list[int]] = []
     for v in values:
         if runs and v == runs[-1][1] + 1:
@@ -113,11 +113,19 @@ def _ranges(values: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
+def _heads_note(branch: dict) -> str:
+    """A comment line under a launch of a branch for some heads only."""
+    if branch["heads"] is None:
+        return ""
+    return (f"\n    # query heads {_ranges(branch['heads'])} only: the other heads' programs "
+            f"return at once")
+
+
 def _template(name: str) -> jinja2.Template:
     text = resources.files("spattn.compiler").joinpath("templates", name).read_text()
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
                              undefined=jinja2.StrictUndefined)
-    env.filters["ranges"] = _ranges
+    env.filters["heads_note"] = _heads_note
     return env.from_string(text)
 
 
