@@ -1,0 +1,129 @@
+"""`spattn check`: every kernel a launcher would launch, compiled ahead of time for a GPU target
+with triton's ptxas (no GPU needed); what is recorded, the table's last line, one-line errors."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from spattn.cli.main import main
+from spattn.compiler import aot
+from spattn.patterns.loader import load_pattern_text
+from spattn.runtime import generated
+
+SMALL = """\
+name: small-check
+causal: true
+branches:
+  - {segment: 256, dilation: 2}
+  - {window: {size: 128}}
+"""
+
+EVERY_KIND = """\
+name: every-kind
+causal: true
+branches:
+  - {segment: 256, dilation: 2}
+  - {window: {size: 128}}
+  - {global: {tokens: [0, 5]}}
+  - {strided: {stride: 64}}
+  - {random: {block: 64, blocks: 2, seed: 1}}
+  - {dense: {}}
+"""
+
+LAST = re.compile(r"check: (\d+)/(\d+) kernels compiled for sm_90, (\d+) with spills, "
+                  r"(\d+) without tensor cores")
+
+
+def _exit_code(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as stop:  # argparse's own errors
+        return int(stop.code)
+
+
+def _specs(text: str, target: str = "sm_90", dtypes=("fp16",), head_dims=(64,)):
+    pattern = load_pattern_text(text)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "checked.py"
+        module = aot.load_module(aot.render(pattern, "checked"), path)
+        return aot.specializations(pattern, module, target, dtypes, head_dims)
+
+
+def test_records_forward_backward_and_decode_of_every_branch_kind():
+    specs = _specs(EVERY_KIND)
+    seen = {(s.kernel, s.mode) for s in specs}
+    for kind in ("dilated", "window", "global", "random"):
+        assert {(f"_{kind}_rows", "fwd"), (f"_{kind}_rows", "bwd"),
+                (f"_{kind}_cols", "bwd")} <= seen, kind
+    assert ("_decode_rows", "decode") in seen
+    # each branch is its own specialization: 6 branches' rows forward, rows backward, columns
+    assert {s.constexprs.get("BRANCH") for s in specs} == {0, 1, 2, 3, 4, 5, None}
+    strided = [s for s in specs if s.constexprs.get("STRIDED")]
+    assert {s.mode for s in strided} == {"fwd", "bwd"} and len(strided) == 3
+    globals_ = {s.constexprs["GLOBAL_QUERIES"] for s in specs if s.kernel == "_global_rows"}
+    assert globals_ == {False, True}
+    # the sizes a CUDA device gets, though this process runs the interpreter
+    assert {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"]) for s in specs} == {(64, 64)}
+    assert {s.constexprs["BLOCK"] for s in specs if "BLOCK" in s.constexprs} == {64}
+    assert generated.block_sizes(torch.device("cpu")) == (16, 16)  # outside the recording
+
+
+def test_duplicate_launches_are_one_specialization():
+    specs = _specs(SMALL, dtypes=("fp16", "fp16"), head_dims=(64, 64))
+    assert len(specs) == 7  # 2 branches x (rows fwd, rows bwd, cols) + decode
+
+
+def test_check_compiles_every_kernel_for_sm_90(tmp_path, capsys):
+    path = tmp_path / "small.yaml"
+    path.write_text(SMALL)
+    status = main(["check", str(path), "--target", "sm_90", "--dtype", "fp16",
+                   "--head-dim", "64"])
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    assert status == 0, out
+    last = LAST.fullmatch(lines[-1])
+    assert last and last[1] == last[2] == "7" and last[4] == "0", lines[-1]
+    rows = [line.split() for line in lines[1:-1]]
+    assert len(rows) == 7
+    header = lines[0].split()
+    for row in rows:
+        assert row[header.index("status")] == "ok"
+        assert row[header.index("tc")] == "wgmma"  # fp16 on Hopper: warpgroup MMA
+        assert int(row[header.index("regs")]) <= 255 and int(row[header.index("smem")]) > 0
+    assert {row[header.index("mode")] for row in rows} == {"fwd", "bwd", "decode"}
+
+
+def test_fp16_on_sm_80_uses_mma():
+    specs = [s for s in _specs(SMALL, target="sm_80") if s.kernel == "_window_rows"
+             and s.mode == "fwd"]
+    pattern = load_pattern_text(SMALL)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "checked.py"
+        aot.load_module(aot.render(pattern, "checked"), path)
+        (result,) = aot.compile_specs(specs, path, "sm_80")
+    assert result.ok and result.tensor_core == "mma", result
+
+
+@pytest.mark.parametrize("argv", [
+    ["--target", "sm_75"],
+    ["--target", "sm_90", "--dtype", "fp8"],
+    ["--target", "sm_90", "--head-dim", "0"],
+    ["--target", "sm_90", "--head-dim", "4096"],
+    [],
+])
+def test_bad_arguments_are_one_line_and_exit_2(argv, tmp_path, capsys):
+    path = tmp_path / "small.yaml"
+    path.write_text(SMALL)
+    assert _exit_code(["check", str(path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("spattn: error: "), err
+
+
+def test_unknown_pattern_is_one_line(capsys):
+    assert _exit_code(["check", "no-such-pattern", "--target", "sm_90"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
