@@ -43,7 +43,7 @@ def patterns(draw: st.DrawFn, max_size: int = 24, kinds: tuple[str, ...] = KINDS
         if kind == "strided":
             branch = {"strided": {"stride": draw(st.integers(1, 4) | size)}}
         elif kind == "random":
-            seed = draw(st.integers(0, 3) | st.integers(0, 2**63))
+            seed = draw(st.integers(0, 3) | st.integers(0, 2**63 - 1))
             branch = {"random": {"block": draw(st.integers(1, 4) | size),
                                  "blocks": draw(st.integers(1, 6)), "seed": seed}}
         elif kind == "dilated":

@@ -46,7 +46,7 @@ def check(pattern, shape, nq, sinks, layout="bhnd", backend="torch", dtype=torch
     for name, g, w in zip(["dq", "dk", "dv", "dsinks"], got, expected, strict=False):
         if layout == "bnhd" and name != "dsinks":
             g = g.transpose(1, 2)
-        torch.testing.assert_close(g.double(), w, rtol=0, atol=atol * 10,
+        torch.testing.assert_close(g.double(), w.double(), rtol=0, atol=atol * 10,
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     name = check_module_name(args.module or module_name(pattern), out)
     module, plan_path = out / f"{name}.py", out / f"{name}.plan.json"
     _refuse_other_pattern(module, plan_path, pattern)
-    heads = pattern.required_heads() or 8
+    heads = pattern.required_heads() or max(8, pattern.min_heads())
     try:
         plan = build_plan(pattern, args.seq_len, heads, pattern.kv_heads, pattern.head_dim or 64)
     except WorkLimitError as error:

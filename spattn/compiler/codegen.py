@@ -21,6 +21,7 @@ import spattn
 from spattn.compiler.files import write_atomically
 from spattn.compiler.names import module_name
 from spattn.errors import SpattnError
+from spattn.patterns.geometry import head_ranges
 from spattn.patterns.spec import (
     DenseBranch,
     DilatedBranch,
@@ -102,22 +103,11 @@ def pattern_literal(pattern: Pattern) -> dict:
     }
 
 
-def _ranges(values: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2, 5'."""
-    runs: list[list[int]] = []
-    for v in values:
-        if runs and v == runs[-1][1] + 1:
-            runs[-1][1] = v
-        else:
-            runs.append([v, v])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
-
-
 def _heads_note(branch: dict) -> str:
     """A comment line under a launch of a branch for some heads only."""
     if branch["heads"] is None:
         return ""
-    return (f"\n    # query heads {_ranges(branch['heads'])} only: the other heads' programs "
+    return (f"\n    # query heads {head_ranges(branch['heads'])} only: the other heads' programs "
             f"return at once")
 
 

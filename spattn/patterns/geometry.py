@@ -188,18 +188,18 @@ def describe(geometry: Geometry) -> str:
     label = _kind_label(geometry)
     if geometry.on_heads is None:
         return label
-    return f"{label} heads {_ranges(sorted(geometry.on_heads))}"
+    return f"{label} heads {head_ranges(sorted(geometry.on_heads))}"
 
 
-def _ranges(values: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2,5'."""
+def head_ranges(values: list[int]) -> str:
+    """Sorted head indices as runs: [0, 1, 2, 5] -> '0-2, 5'."""
     runs: list[list[int]] = []
     for v in values:
         if runs and v == runs[-1][1] + 1:
             runs[-1][1] = v
         else:
             runs.append([v, v])
-    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
 
 
 def _kind_label(geometry: Geometry) -> str:
