@@ -17,7 +17,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -73,7 +73,6 @@ class Result:
     tensor_core: str | None = None  # wgmma, mma, tcgen05 or none
     num_warps: int = 4
     num_stages: int = 3
-    extra: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -243,7 +242,8 @@ def _serve(procs: list[subprocess.Popen], specs: list[Spec], module_path: str,
 
     def give(proc: subprocess.Popen) -> None:
         index = next(todo, None)
-        if index is None:
+        if index is None:  # nothing left for it: let it exit
+            selector.unregister(proc.stdout)
             proc.stdin.close()
             return
         spec = specs[index]
@@ -261,11 +261,12 @@ def _serve(procs: list[subprocess.Popen], specs: list[Spec], module_path: str,
         for key, _ in selector.select():
             proc = key.data
             line = proc.stdout.readline()
-            if not line:  # the worker died
-                selector.unregister(proc.stdout)
-                busy.pop(proc, None)
-                continue
             index = busy.pop(proc)
+            if not line:  # the worker died (out of memory?): its kernel failed, the rest go on
+                selector.unregister(proc.stdout)
+                results[index] = Result(specs[index], f"the compile worker died (exit "
+                                                      f"{proc.wait()})")
+                continue
             results[index] = _result(specs[index], json.loads(line), capability)
             done += 1
             if progress:

@@ -36,6 +36,15 @@ def ptxas_figures(log: str) -> dict:
             "spills": int(spills.group(1)) if spills else None}
 
 
+def error_line(error: Exception) -> str:
+    """The first line of an error, and ptxas's own first error line when it has one."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    ptxas = next((line for line in lines if "error" in line and "ptx" in line.lower()
+                  and line != first), None)
+    return (f"{type(error).__name__}: {first}" + (f" ({ptxas})" if ptxas else ""))[:300]
+
+
 def compile_one(job: dict) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -63,8 +72,7 @@ def main() -> None:
         try:
             reply = compile_one(json.loads(line))
         except Exception as error:  # reported per kernel, as one line
-            first = next((s for s in str(error).splitlines() if s.strip()), "")
-            reply = {"error": f"{type(error).__name__}: {first}"[:300]}
+            reply = {"error": error_line(error)}
         out.write(json.dumps(reply) + "\n")
         out.flush()
 

@@ -1,0 +1,82 @@
+"""`spattn check` on every built-in pattern, for each target: every kernel compiled ahead of time
+with triton's ptxas on this CPU machine (no GPU).
+
+    python benchmarks/check_builtins.py [--targets sm_80 sm_90] [--patterns NAME ...]
+                                        [--dtype fp16 bf16 fp32] [--head-dim 64 128]
+
+Writes benchmarks/results/check_<target>.txt: per pattern, the command, its table and last
+line and how long it took, then one total line. Each file is rewritten after every pattern, so
+an interrupted sweep keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import triton
+
+from spattn.compiler.aot import DTYPES, TARGETS, WORKERS
+from spattn.patterns.loader import builtin_patterns
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--targets", nargs="+", choices=tuple(TARGETS), default=["sm_80", "sm_90"])
+    parser.add_argument("--patterns", nargs="+", metavar="NAME",
+                        default=[b.name for b in builtin_patterns()])
+    parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=list(DTYPES))
+    parser.add_argument("--head-dim", nargs="+", type=int, default=[64, 128])
+    args = parser.parse_args()
+    for target in args.targets:
+        sweep(target, args.patterns, args.dtype, args.head_dim)
+
+
+def sweep(target: str, patterns: list[str], dtypes: list[str], head_dims: list[int]) -> None:
+    path = RESULTS / f"check_{target}.txt"
+    head = [f"# spattn check on every built-in pattern for {target}: triton {triton.__version__}"
+            f" and its bundled ptxas, {WORKERS} compile processes on {platform.machine()} "
+            f"(no GPU); num_warps and num_stages are triton's defaults (the launcher sets none)",
+            "# regs: registers per thread; spills: bytes of spill stores; smem: shared memory "
+            "bytes per block; tc: the tensor-core instruction in the PTX", ""]
+    sections: list[str] = []
+    totals = [0, 0, 0, 0]  # compiled, kernels, with spills, without tensor cores
+    started = time.perf_counter()
+    for name in patterns:
+        argv = ["check", name, "--target", target, "--dtype", *dtypes,
+                "--head-dim", *map(str, head_dims)]
+        begin = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "spattn.cli.main", *argv],
+                              capture_output=True, text=True)
+        took = time.perf_counter() - begin
+        out = done.stdout.rstrip() or done.stderr.strip()
+        last = out.splitlines()[-1]
+        sections.append(f"$ spattn {' '.join(argv)}\n{out}\n(exit {done.returncode}, "
+                        f"{took:.0f} s)\n")
+        _add(totals, last)
+        total = (f"all {len(sections)} patterns: {totals[0]}/{totals[1]} kernels compiled for "
+                 f"{target}, {totals[2]} with spills, {totals[3]} without tensor cores "
+                 f"({time.perf_counter() - started:.0f} s)")
+        path.write_text("\n".join(head + sections + [total]) + "\n")
+        print(f"{target} {name}: {last} ({took:.0f} s)", flush=True)
+
+
+def _add(totals: list[int], last: str) -> None:
+    """Add a `check: X/Y kernels compiled for T, Z with spills, W without tensor cores` line."""
+    if not last.startswith("check: "):
+        return
+    words = last.split()
+    compiled, kernels = map(int, words[1].split("/"))
+    spills, plain = int(words[6]), int(words[9])
+    for i, value in enumerate((compiled, kernels, spills, plain)):
+        totals[i] += value
+
+
+if __name__ == "__main__":
+    main()
