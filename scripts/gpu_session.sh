@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
-# A GPU session's work, one stage per device-tool call (each call may run 10 minutes at most).
+# A whole GPU session in one run, under 10 minutes on a fresh H100/H200 machine:
 #
-#   here, once:   bash scripts/gpu_session.sh wheels      # pydantic & co. for the GPU's Python 3.12
-#   on the GPU:   bash scripts/gpu_session.sh STAGE       # with carry: [".whl"]
+#   here, once:   bash scripts/gpu_session.sh wheels     # pydantic & co. for the GPU's Python
+#   on the GPU:   bash scripts/gpu_session.sh            # device tool: carry [".whl"], timeout 600
+#   dry run:      bash scripts/gpu_session.sh --dry-run  # CPU, Triton interpreter, tiny sizes (CI)
 #
-# STAGE: tests (the kernel, autograd and torch.compile tests on CUDA: fp32, fp16, bf16),
-# longnet64, longnet128, windows (the benchmark sweep in three parts), scale (longest N).
-# Results land in $OUT (the device tool brings them back) or benchmarks/results/.
+# Steps, each under its own time limit so that the whole run ends in time:
+#   1. the generated kernels' tests on the device: fp32/fp16/bf16 against the float64 reference,
+#      forward and backward, every built-in scaled down, random patterns;
+#   2. `spattn check` for the device's own target (every launch compiled, spills, tensor cores);
+#   3. the benchmark harness: spattn against dense SDPA (flash), FlexAttention and
+#      gather + SDPA + scatter, forward and forward + backward, CSV and plot;
+# then a short table of all three, printed last. Everything lands in $OUT (the device tool
+# brings it back), else benchmarks/results/.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh wheels|tests|longnet64|longnet128|windows|scale}
+cd "$(dirname "$0")/.."
+mode=${1:-gpu}
 out=${OUT:-benchmarks/results}
+mkdir -p "$out"
 
-if [ "$stage" = wheels ]; then
+if [ "$mode" = wheels ]; then
     grep -qx '/.whl/' .git/info/exclude || echo /.whl/ >> .git/info/exclude
     for spec in pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 \
                 typing-inspection==0.4.2; do
@@ -23,19 +31,42 @@ if [ "$stage" = wheels ]; then
     exit 0
 fi
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-bench() { python3 benchmarks/bench_gpu.py --results "$out" "$@" 2>&1 | tee -a "$out/bench.log"; }
-case "$stage" in
-    tests) python3 -m pytest -q -x tests/test_triton_kernels.py tests/test_triton_interpret.py \
-               tests/test_compile_graph.py 2>&1 | tee "$out/gpu_tests.log" ;;
-    longnet64) bench --prefix gpu_longnet64 --patterns longnet-lm --head-dims 64 ;;
-    longnet128) bench --prefix gpu_longnet128 --patterns longnet-lm --head-dims 128 ;;
-    windows) bench --prefix gpu_windows --patterns sliding-window sink-window --head-dims 64 \
-                 --methods spattn sdpa flex ;;
-    scale) bench --prefix gpu_scale --patterns longnet-lm --head-dims 64 --seq-lens 32768 \
-               --methods spattn --passes fwd --scale ;;
-    *) echo "unknown stage $stage" >&2; exit 2 ;;
-esac
+export PYTHONUNBUFFERED=1
+if [ "$mode" = --dry-run ]; then
+    export TRITON_INTERPRET=1
+    echo "dry run on $(uname -m), $(nproc) CPU threads: the Triton interpreter, tiny sizes"
+    tests=(tests/test_triton_kernels.py -k "odd_sizes and n1")
+    target=sm_90
+    check=(--dtype fp16 --head-dim 64)
+    bench=(--cpu-check --seq-lens 256 --patterns longnet-lm --methods spattn sdpa --repeats 1)
+    limits=(300 300 300)
+else
+    if [ -d .whl ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .whl/*.whl || exit 1
+        export PYTHONPATH=/tmp/site:$PWD
+    fi
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    tests=(tests/test_triton_kernels.py tests/test_decode.py
+           tests/test_queries_sinks_layout.py::test_generated_kernels_random_patterns
+           tests/test_strides.py::test_generated_kernels_any_strides)
+    target=sm_$(python3 -c "import torch; a, b = torch.cuda.get_device_capability(); print(a * 10 + b)")
+    check=(--dtype fp16 bf16 fp32 --head-dim 64 128)
+    bench=(--patterns longnet-lm sliding-window sink-window --head-dims 64 128 --seq-lens 8192 \
+           32768 131072 --prefix gpu_session)
+    limits=(180 120 270)
+fi
+
+echo "== 1/3 tests"
+timeout "${limits[0]}" python3 -m pytest -q -p no:cacheprovider "${tests[@]}" 2>&1 \
+    | tee "$out/gpu_session_tests.log" | tail -n 3
+echo "== 2/3 spattn check longnet-lm --target $target"
+timeout "${limits[1]}" python3 -m spattn.cli.main check longnet-lm --target "$target" \
+    "${check[@]}" > "$out/gpu_session_check.txt" 2>&1
+tail -n 1 "$out/gpu_session_check.txt"
+echo "== 3/3 benchmark harness"
+timeout "${limits[2]}" python3 benchmarks/bench_gpu.py --results "$out" "${bench[@]}" \
+    > "$out/gpu_session_bench.log" 2>&1
+tail -n 2 "$out/gpu_session_bench.log"
+echo "== summary"
+python3 scripts/gpu_summary.py "$out"
