@@ -168,10 +168,20 @@ def block_sizes(device: torch.device) -> tuple[int, int]:
     return 64, 64
 
 
+FP32_DOT = ("tf32x3", "ieee", "tf32")  # SPATTN_FP32_DOT: the first is the default
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """float32 inputs keep float32 products ("ieee"; TF32 would lose about 3 digits); half
-    precision inputs ignore the setting."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """How `tl.dot` multiplies float32 inputs: "tf32x3" (the default: three TF32 tensor-core
+    products of the split operands, close to float32 accuracy), "ieee" (float32 FMA, no tensor
+    cores) or "tf32" (one TF32 product, about 3 digits fewer), chosen by SPATTN_FP32_DOT.
+    Half-precision inputs ignore the setting."""
+    if dtype != torch.float32:
+        return "tf32"
+    choice = os.environ.get("SPATTN_FP32_DOT", FP32_DOT[0])
+    if choice not in FP32_DOT:
+        raise InputError(f"SPATTN_FP32_DOT must be one of {', '.join(FP32_DOT)}, got {choice!r}")
+    return choice
 
 
 class GeneratedAttention(torch.autograd.Function):
