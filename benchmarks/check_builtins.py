@@ -6,13 +6,14 @@ with triton's ptxas on this CPU machine (no GPU).
 
 Writes benchmarks/results/check_<target>.txt: per pattern, the command, its table and last
 line and how long it took, then one total line. Each file is rewritten after every pattern, so
-an interrupted sweep keeps what it finished.
+an interrupted sweep keeps what it finished; a run of some patterns replaces just their sections.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -45,9 +46,7 @@ def sweep(target: str, patterns: list[str], dtypes: list[str], head_dims: list[i
             f"(no GPU); num_warps and num_stages are triton's defaults (the launcher sets none)",
             "# regs: registers per thread; spills: bytes of spill stores; smem: shared memory "
             "bytes per block; tc: the tensor-core instruction in the PTX", ""]
-    sections: list[str] = []
-    totals = [0, 0, 0, 0]  # compiled, kernels, with spills, without tensor cores
-    started = time.perf_counter()
+    sections = _sections(path)  # pattern name -> its section, from an earlier run
     for name in patterns:
         argv = ["check", name, "--target", target, "--dtype", *dtypes,
                 "--head-dim", *map(str, head_dims)]
@@ -56,15 +55,30 @@ def sweep(target: str, patterns: list[str], dtypes: list[str], head_dims: list[i
                               capture_output=True, text=True)
         took = time.perf_counter() - begin
         out = done.stdout.rstrip() or done.stderr.strip()
-        last = out.splitlines()[-1]
-        sections.append(f"$ spattn {' '.join(argv)}\n{out}\n(exit {done.returncode}, "
-                        f"{took:.0f} s)\n")
-        _add(totals, last)
-        total = (f"all {len(sections)} patterns: {totals[0]}/{totals[1]} kernels compiled for "
-                 f"{target}, {totals[2]} with spills, {totals[3]} without tensor cores "
-                 f"({time.perf_counter() - started:.0f} s)")
-        path.write_text("\n".join(head + sections + [total]) + "\n")
-        print(f"{target} {name}: {last} ({took:.0f} s)", flush=True)
+        sections[name] = (f"$ spattn {' '.join(argv)}\n{out}\n(exit {done.returncode}, "
+                          f"{took:.0f} s)\n")
+        path.write_text("\n".join(head + list(sections.values()) + [_total(sections, target)])
+                        + "\n")
+        print(f"{target} {name}: {out.splitlines()[-1]} ({took:.0f} s)", flush=True)
+
+
+def _sections(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    parts = re.split(r"^(?=\$ spattn check )", path.read_text(), flags=re.M)[1:]
+    parts = [part.split("\nall ")[0].rstrip("\n") + "\n" for part in parts]
+    return {part.split()[3]: part for part in parts}
+
+
+def _total(sections: dict[str, str], target: str) -> str:
+    totals = [0, 0, 0, 0]  # compiled, kernels, with spills, without tensor cores
+    seconds = 0
+    for section in sections.values():
+        lines = section.strip().splitlines()
+        _add(totals, lines[-2])
+        seconds += int(lines[-1].split(", ")[-1].split()[0])
+    return (f"all {len(sections)} patterns: {totals[0]}/{totals[1]} kernels compiled for "
+            f"{target}, {totals[2]} with spills, {totals[3]} without tensor cores ({seconds} s)")
 
 
 def _add(totals: list[int], last: str) -> None:
