@@ -160,11 +160,16 @@ def rows_contiguous(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return q, k, v
 
 
-def block_sizes(device: torch.device) -> tuple[int, int]:
-    """Tile sizes (BLOCK_M, BLOCK_N): small under the CPU interpreter, where tiles are numpy."""
+def block_sizes(device: torch.device, dtype: torch.dtype = torch.float16, head_dim: int = 64
+                ) -> tuple[int, int]:
+    """Tile sizes (BLOCK_M, BLOCK_N): small under the CPU interpreter, where tiles are numpy;
+    on GPUs 64 x 64, and 64 x 32 for float32 rows longer than 64, whose 64 x 64 tiles in three
+    pipeline stages need more shared memory than sm_80 or sm_90 has (`spattn check`)."""
     interpreted = device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
     if interpreted and not _RECORDING.get():
         return 16, 16
+    if dtype == torch.float32 and head_dim > 64:
+        return 64, 32
     return 64, 64
 
 
