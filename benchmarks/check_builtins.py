@@ -44,6 +44,7 @@ def sweep(target: str, patterns: list[str], dtypes: list[str], head_dims: list[i
     head = [f"# spattn check on every built-in pattern for {target}: triton {triton.__version__}"
             f" and its bundled ptxas, {WORKERS} compile processes on {platform.machine()} "
             f"(no GPU); num_warps and num_stages are triton's defaults (the launcher sets none)",
+            f"# spattn at commit {_commit()}; each section below names the command that made it",
             "# regs: registers per thread; spills: bytes of spill stores; smem: shared memory "
             "bytes per block; tc: the tensor-core instruction in the PTX", ""]
     sections = _sections(path)  # pattern name -> its section, from an earlier run
@@ -60,6 +61,12 @@ def sweep(target: str, patterns: list[str], dtypes: list[str], head_dims: list[i
         path.write_text("\n".join(head + list(sections.values()) + [_total(sections, target)])
                         + "\n")
         print(f"{target} {name}: {out.splitlines()[-1]} ({took:.0f} s)", flush=True)
+
+
+def _commit() -> str:
+    done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                          text=True, cwd=Path(__file__).parent)
+    return done.stdout.strip() or "unknown"
 
 
 def _sections(path: Path) -> dict[str, str]:
