@@ -22,10 +22,15 @@ import torch.distributed as dist
 from spattn.distributed import comm
 from spattn.distributed.comm import DistributedError
 from spattn.distributed.plan import CHECK_ELEMENTS, DistributedPlan, build_plan
-from spattn.limits import check_scale
 from spattn.patterns.loader import load_pattern
 from spattn.patterns.spec import Pattern
-from spattn.runtime.dispatch import BackendError, InputError, check_fixed, check_tensors
+from spattn.runtime.dispatch import (
+    BackendError,
+    InputError,
+    check_fixed,
+    check_tensors,
+    resolve_scale,
+)
 
 DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.float16: 4}
 DEVICE_CODES = {"cpu": 1, "cuda": 2}
@@ -61,9 +66,7 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern 
     if call.device.type != device.type:
         raise InputError(f"the group's {dist.get_backend(group)} backend communicates "
                          f"{device.type} tensors, but q, k, v are on {call.device}")
-    if scale is None:
-        scale = pattern.softmax_scale or 1.0 / math.sqrt(call.head_dim)
-    scale = check_scale(scale)
+    scale = resolve_scale(pattern, scale, call.head_dim)
     plan = build_plan(pattern, call.seq_len * world, world, heads=call.heads,
                       kv_heads=call.kv_heads, head_dim=call.head_dim, batch=call.batch,
                       dtype=call.dtype)

@@ -33,8 +33,6 @@ from spattn.patterns.loader import load_pattern
 from spattn.patterns.spec import Pattern
 from spattn.runtime.dispatch import attention
 
-_REGISTERED: dict[str, Pattern] = {}
-
 
 class IntegrationError(SpattnError, ValueError):
     """A model call that spattn's attention implementation cannot serve as asked."""
@@ -68,7 +66,6 @@ def register(pattern: Pattern | str | os.PathLike[str], *, backend: str | None =
 
     AttentionInterface.register(name, attention_function)
     AttentionMaskInterface.register(name, padding_mask)
-    _REGISTERED[name] = pattern
     return name
 
 
