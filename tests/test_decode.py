@@ -255,3 +255,24 @@ def test_long_chunks_are_split_by_the_budget(monkeypatch):
     cache = spattn.KVCache(LONGNET_256)
     for length, out in _decode(cache, q, k, v, [7, 150, 43]):
         torch.testing.assert_close(out, full[:, :, :length], rtol=1e-12, atol=1e-12)
+
+
+def test_buffers_are_reused_with_lazy_eviction(monkeypatch):
+    """Keys go into preallocated buffers: no new allocation per token, compactions only when
+    the buffer is full (once per `bound` tokens or so), never more than twice the bound."""
+    pattern = spattn.Pattern.model_validate({"name": "w", "causal": True,
+                                             "branches": [{"window": {"size": 16}}]})
+    q, k, v = _inputs(1, 2, 1, 400, 8)
+    cache = spattn.KVCache(pattern, backend="torch")
+    compactions = []
+    compact = cache._compact
+    monkeypatch.setattr(cache, "_compact", lambda: (compactions.append(cache.seen), compact()))
+    buffers = set()
+    for length, out in _decode(cache, q, k, v, [20, 1]):
+        buffers.add(cache._keys.data_ptr())
+        assert cache.capacity <= 2 * cache.bound
+        assert cache.memory_bytes <= cache.bound_bytes()
+    want = reference_attention(q, k, v, pattern)
+    assert torch.allclose(out, want, atol=1e-10)
+    assert len(buffers) <= 2  # the prompt's buffer, then one of twice the bound
+    assert 0 < len(compactions) <= 400 // cache.bound + 1

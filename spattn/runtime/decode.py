@@ -7,9 +7,18 @@ and global branches its memory is bounded by the pattern, not by the sequence.
 
 The first call runs the ordinary forward over its tokens (a prompt of any length); later calls
 attend their queries to the kept keys and their own, each key weighed by how many branches give
-it (once under `overlap: union`). On the PyTorch backend that is a masked softmax over the kept
-keys, built from the branches' position predicates a chunk of queries at a time; on the Triton
-backend it is the pattern's generated decode kernel (`decode_attention` in the emitted module).
+it (once under `overlap: union`).
+
+Keys and values live in preallocated buffers with lazy eviction: new tokens are written after
+the last slot in use, a key no later query needs is only marked dead (its position becomes one
+no query reaches, so causality hides it), and the live keys are compacted, in order, only when
+the buffer is full. A bounded pattern's buffer holds at most twice its bound, so a compaction
+frees room for at least `bound` more tokens: O(1) copying per token, amortized, where
+concatenating every step would copy every kept key.
+
+On the PyTorch backend decoding is a masked softmax over the kept keys, built from the branches'
+position predicates a chunk of queries at a time; on the Triton backend it is the pattern's
+generated decode kernel (`decode_attention` in the emitted module).
 """
 
 from __future__ import annotations
@@ -33,6 +42,10 @@ from spattn.runtime.dispatch import (
     resolve_scale,
 )
 
+# the position of a dead slot: after every query (positions stay below 2^30), so causal order
+# hides it from all of them; int32, as the decode kernels read positions
+DEAD = 2**31 - 1
+
 
 class KVCache:
     """Decode a causal pattern a few tokens at a time, keeping only the keys it still needs.
@@ -54,10 +67,13 @@ class KVCache:
         self.backend = backend
         self.scale = None if scale is None else check_scale(scale)
         self.seen = 0  # tokens attended so far
-        self.keys: torch.Tensor | None = None  # (B, Hkv, kept, D)
-        self.values: torch.Tensor | None = None
-        self.positions: torch.Tensor | None = None  # (kept,) int64 token positions
-        self._last_use: torch.Tensor | None = None  # (kept,) int64, retention.last_use
+        # slots [0, used) of the buffers: live and dead keys, in arrival order
+        self._keys: torch.Tensor | None = None  # (B, Hkv, capacity, D)
+        self._values: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None  # (capacity,) int64; DEAD: evicted
+        self._last_use = np.zeros(0, dtype=np.int64)  # (capacity,) retention.last_use; -1 dead
+        self._used = 0
+        self._live = 0
         self._shape: tuple | None = None  # (B, H, Hkv, D, dtype, device) of the first call
         self._bound: int | None = None
         self._backend_name: str | None = None
@@ -66,8 +82,34 @@ class KVCache:
 
     @property
     def kept(self) -> int:
-        """Tokens whose keys and values the cache holds now."""
-        return 0 if self.positions is None else len(self.positions)
+        """Tokens whose keys and values the cache holds now (live ones)."""
+        return self._live
+
+    @property
+    def capacity(self) -> int:
+        """Slots the buffers have now."""
+        return len(self._last_use)
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        """(kept,) int64: the token positions of the live keys, in order."""
+        if self._positions is None:
+            return None
+        return self._positions[:self._used][self._alive()]
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """(B, Hkv, kept, D): the live keys, in order (a copy)."""
+        return None if self._keys is None else self._keys[:, :, :self._used][:, :, self._alive()]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """(B, Hkv, kept, D): the live values, in order (a copy)."""
+        return None if self._values is None else \
+            self._values[:, :, :self._used][:, :, self._alive()]
+
+    def _alive(self) -> torch.Tensor:
+        return torch.from_numpy(self._last_use[:self._used] >= 0).to(self._positions.device)
 
     @property
     def bound(self) -> int | None:
@@ -83,25 +125,30 @@ class KVCache:
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes the cache holds now: keys, values, and 16 bytes of bookkeeping per token."""
-        if self.keys is None:
+        """Bytes the cache's buffers take now: keys, values, and 16 bytes of bookkeeping per
+        slot."""
+        if self._keys is None:
             return 0
-        return 2 * self.keys.numel() * self.keys.element_size() + 16 * self.kept
+        return self.capacity * self._slot_bytes()
 
     def bound_bytes(self) -> int | None:
-        """`memory_bytes` at the bound (None when unbounded); known after the first call."""
+        """The most `memory_bytes` ever reaches: buffers of twice the bound (None when
+        unbounded); known after the first call."""
         if self._shape is None:
             raise SpattnError("the bound in bytes depends on the tensors: call attend first")
         if self._bound is None:
             return None
+        return 2 * self._bound * self._slot_bytes()
+
+    def _slot_bytes(self) -> int:
         batch, _, kv_heads, dim, dtype, _ = self._shape
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return self._bound * (2 * batch * kv_heads * dim * itemsize + 16)
+        return 2 * batch * kv_heads * dim * itemsize + 16
 
     def reset(self) -> None:
-        """Forget every token (a new sequence of the same shapes)."""
-        self.seen = 0
-        self.keys = self.values = self.positions = self._last_use = None
+        """Forget every token (a new sequence of the same shapes); the buffers are kept."""
+        self.seen = self._used = self._live = 0
+        self._last_use[:] = -1
 
     # ---- decoding -----------------------------------------------------------------------------
 
@@ -118,25 +165,97 @@ class KVCache:
         first, t = self.seen, call.seq_len
         if t == 0:
             return q.new_zeros(q.shape)
-        new = torch.arange(first, first + t, dtype=torch.int64, device=q.device)
         if first == 0:  # a prompt: the ordinary forward over its tokens
             out = attention(q, k, v, self.pattern, backend=self._backend_name, scale=scale,
                             sinks=sinks)
-            keys, values, positions = k, v, new
-        else:
-            keys = torch.cat([self.keys, k], dim=2)
-            values = torch.cat([self.values, v], dim=2)
-            positions = torch.cat([self.positions, new])
-            out = self._decode(q, keys, values, positions, first, scale, sinks)
-        uses = torch.from_numpy(last_use(self.pattern, call.heads, np.arange(first, first + t)))
-        uses = uses.to(q.device)
-        if first:
-            uses = torch.cat([self._last_use, uses])
+            uses = last_use(self.pattern, call.heads, np.arange(t))
+            keep = np.flatnonzero(uses >= t)  # what a later query attends
+            index = torch.from_numpy(keep).to(k.device)
+            self._append(k[:, :, index], v[:, :, index], index + first, uses[keep])
+            self.seen = t
+            return out
+        # chunks of at most `bound` tokens: the buffers never pass twice the bound
+        step = t if self._bound is None else max(1, self._bound)
+        outs = [self._step(q[:, :, lo:lo + step], k[:, :, lo:lo + step], v[:, :, lo:lo + step],
+                           scale, sinks) for lo in range(0, t, step)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              sinks: torch.Tensor | None) -> torch.Tensor:
+        """Decode T new tokens: add their keys, attend, then mark what no later query needs."""
+        first, t = self.seen, q.shape[2]
+        positions = torch.arange(first, first + t, device=k.device)
+        self._append(k, v, positions, last_use(self.pattern, q.shape[1],
+                                               np.arange(first, first + t)))
+        used = self._used
+        out = self._decode(q, self._keys[:, :, :used], self._values[:, :, :used],
+                           self._positions[:used], first, scale, sinks)
         self.seen += t
-        keep = uses >= self.seen
-        self.keys, self.values = keys[:, :, keep].contiguous(), values[:, :, keep].contiguous()
-        self.positions, self._last_use = positions[keep], uses[keep]
+        self._evict()
         return out
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                uses: np.ndarray) -> None:
+        """Write keys and values after the last slot in use, making room first if needed."""
+        t = k.shape[2]
+        if self._keys is None or self._used + t > self.capacity:
+            self._compact()
+            # at least half the buffer free after a compaction, so the next one is far off
+            # (up to twice the bound, which leaves `bound` free slots)
+            want = max(self._used + t, 2 * self._used)
+            if self._bound is not None:
+                want = min(want, max(2 * self._bound, self._used + t))
+            if self._keys is None or want > self.capacity:
+                self._grow(want)
+        at = slice(self._used, self._used + t)
+        self._keys[:, :, at] = k
+        self._values[:, :, at] = v
+        self._positions[at] = positions
+        self._last_use[at] = np.maximum(uses, -1)  # -1: no query attends it (dead at once)
+        self._used += t
+        self._live += int((uses >= 0).sum())
+
+    def _evict(self) -> None:
+        """Mark the keys no query from `seen` on attends dead: no copy, only their positions
+        change (to DEAD, after every query: causality hides them)."""
+        uses = self._last_use[:self._used]
+        dead = np.flatnonzero((uses >= 0) & (uses < self.seen))
+        if len(dead):
+            uses[dead] = -1
+            index = torch.from_numpy(dead).to(self._positions.device)
+            self._positions.index_fill_(0, index, DEAD)
+            self._live -= len(dead)
+
+    def _compact(self) -> None:
+        """Move the live keys, in order, to the front of the buffers."""
+        alive = self._last_use[:self._used] >= 0
+        if self._keys is None or alive.all():
+            return
+        index = torch.from_numpy(np.flatnonzero(alive)).to(self._positions.device)
+        live = len(index)
+        self._keys[:, :, :live] = self._keys[:, :, index]
+        self._values[:, :, :live] = self._values[:, :, index]
+        self._positions[:live] = self._positions[index]
+        self._last_use[:live] = self._last_use[:self._used][alive]
+        self._last_use[live:] = -1
+        self._positions[live:] = DEAD
+        self._used = live
+
+    def _grow(self, need: int) -> None:
+        """Buffers of `need` slots (at least 16), the slots in use copied over."""
+        capacity = max(need, 16)
+        batch, _, kv_heads, dim, dtype, device = self._shape
+        keys = torch.empty((batch, kv_heads, capacity, dim), dtype=dtype, device=device)
+        values = torch.empty_like(keys)
+        positions = torch.full((capacity,), DEAD, dtype=torch.int64, device=device)
+        last = np.full(capacity, -1, dtype=np.int64)
+        used = self._used
+        if used:
+            keys[:, :, :used] = self._keys[:, :, :used]
+            values[:, :, :used] = self._values[:, :, :used]
+            positions[:used] = self._positions[:used]
+            last[:used] = self._last_use[:used]
+        self._keys, self._values, self._positions, self._last_use = keys, values, positions, last
 
     def _decode(self, q, keys, values, positions, first, scale, sinks) -> torch.Tensor:
         if self._backend_name == "triton" and sinks is None:
