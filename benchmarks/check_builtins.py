@@ -43,7 +43,7 @@ def sweep(target: str, patterns: list[str], dtypes: list[str], head_dims: list[i
     path = RESULTS / f"check_{target}.txt"
     head = [f"# spattn check on every built-in pattern for {target}: triton {triton.__version__}"
             f" and its bundled ptxas, {WORKERS} compile processes on {platform.machine()} "
-            f"(no GPU); num_warps and num_stages are triton's defaults (the launcher sets none)",
+            f"(no GPU); tiles, warps and stages from spattn/runtime/launch_configs.json",
             f"# spattn at commit {_commit()}; each section below names the command that made it",
             "# regs: registers per thread; spills: bytes of spill stores; smem: shared memory "
             "bytes per block; tc: the tensor-core instruction in the PTX", ""]

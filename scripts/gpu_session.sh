@@ -10,7 +10,9 @@
 #      forward and backward, every built-in scaled down, random patterns;
 #   2. `spattn check` for the device's own target (every launch compiled, spills, tensor cores);
 #   3. the benchmark harness: spattn against dense SDPA (flash), FlexAttention and
-#      gather + SDPA + scatter, forward and forward + backward, CSV and plot;
+#      gather + SDPA + scatter, forward and forward + backward, CSV and plot; its warm-up calls
+#      tune every launch (spattn/runtime/tuning.py), and the tuned choices are kept in
+#      $OUT/spattn-cache/tuning/ (steps 1 and 2 use the committed table's defaults);
 # then a short table of all three, printed last. Everything lands in $OUT (the device tool
 # brings it back), else benchmarks/results/.
 set -uo pipefail
@@ -32,6 +34,7 @@ if [ "$mode" = wheels ]; then
 fi
 
 export PYTHONUNBUFFERED=1
+export SPATTN_CACHE_DIR="$out/spattn-cache"  # the tuning choices come back with the results
 if [ "$mode" = --dry-run ]; then
     export TRITON_INTERPRET=1
     echo "dry run on $(uname -m), $(nproc) CPU threads: the Triton interpreter, tiny sizes"
@@ -58,7 +61,7 @@ else
 fi
 
 echo "== 1/3 tests"
-timeout "${limits[0]}" python3 -m pytest -q -p no:cacheprovider "${tests[@]}" 2>&1 \
+SPATTN_TUNE=0 timeout "${limits[0]}" python3 -m pytest -q -p no:cacheprovider "${tests[@]}" 2>&1 \
     | tee "$out/gpu_session_tests.log" | tail -n 3
 echo "== 2/3 spattn check longnet-lm --target $target"
 timeout "${limits[1]}" python3 -m spattn.cli.main check longnet-lm --target "$target" \

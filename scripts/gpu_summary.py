@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -41,8 +42,23 @@ def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results")
     print(f"tests:  {_last_line(out / 'gpu_session_tests.log')}")
     print(f"check:  {_last_line(out / 'gpu_session_check.txt')}")
+    print(f"tuning: {_tuned(out)}")
     rows = bench_rows(out)
     print(summary(rows) if rows else "bench:  no CSV (the step did not run or timed out)")
+
+
+def _tuned(out: Path) -> str:
+    """How many launches the benchmark's warm-up tuned, and to which configurations."""
+    choices: dict[str, int] = {}
+    for path in sorted((out / "spattn-cache" / "tuning").glob("*.json")):
+        for row in json.loads(path.read_text()).values():
+            name = "{}x{} w{} s{}".format(*row)
+            choices[name] = choices.get(name, 0) + 1
+    if not choices:
+        return "no launch tuned (no GPU, or SPATTN_TUNE=0)"
+    ranked = sorted(choices.items(), key=lambda item: -item[1])
+    return (f"{sum(choices.values())} launches tuned: "
+            + ", ".join(f"{name} x{count}" for name, count in ranked))
 
 
 if __name__ == "__main__":

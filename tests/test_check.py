@@ -13,7 +13,7 @@ import torch
 from spattn.cli.main import main
 from spattn.compiler import aot
 from spattn.patterns.loader import load_pattern_text
-from spattn.runtime import generated
+from spattn.runtime import configs, generated
 
 SMALL = """\
 name: small-check
@@ -67,10 +67,16 @@ def test_records_forward_backward_and_decode_of_every_branch_kind():
     assert {s.mode for s in strided} == {"fwd", "bwd"} and len(strided) == 3
     globals_ = {s.constexprs["GLOBAL_QUERIES"] for s in specs if s.kernel == "_global_rows"}
     assert globals_ == {False, True}
-    # the sizes a CUDA device gets, though this process runs the interpreter
-    assert {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"]) for s in specs} == {(64, 64)}
+    # the table's configurations for sm_90, though this process runs the interpreter
+    for s in specs:
+        with configs.recording(90):
+            want = configs.launch_config(s.kernel, s.mode, torch.device("meta"),
+                                         aot.DTYPES[s.dtype], s.head_dim)
+        assert {k: s.constexprs[k] for k in want.kwargs()} == want.kwargs(), s.kernel
     assert {s.constexprs["BLOCK"] for s in specs if "BLOCK" in s.constexprs} == {64}
-    assert generated.block_sizes(torch.device("cpu")) == (16, 16)  # outside the recording
+    # outside the recording: the interpreter's tiles
+    assert generated.launch_config("dilated_rows", "fwd", torch.device("cpu"), torch.float16,
+                                   64) == configs.INTERPRETED
 
 
 def test_duplicate_launches_are_one_specialization():
@@ -93,9 +99,11 @@ def test_check_compiles_every_kernel_for_sm_90(tmp_path, capsys):
     header = lines[0].split()
     for row in rows:
         assert row[header.index("status")] == "ok"
-        assert row[header.index("tc")] == "wgmma"  # fp16 on Hopper: warpgroup MMA
+        # fp16 on Hopper: warpgroup MMA for tiles of 64 rows and more, else mma.sync
+        assert row[header.index("tc")] in ("wgmma", "mma")
         assert int(row[header.index("regs")]) <= 255 and int(row[header.index("smem")]) > 0
     assert {row[header.index("mode")] for row in rows} == {"fwd", "bwd", "decode"}
+    assert any(row[header.index("tc")] == "wgmma" for row in rows)
 
 
 def test_fp16_on_sm_80_uses_mma():

@@ -268,7 +268,9 @@ def test_buffers_are_reused_with_lazy_eviction(monkeypatch):
     compact = cache._compact
     monkeypatch.setattr(cache, "_compact", lambda: (compactions.append(cache.seen), compact()))
     buffers = set()
-    for length, out in _decode(cache, q, k, v, [20, 1]):
+    out = None
+    for _, joined in _decode(cache, q, k, v, [20, 1]):
+        out = joined
         buffers.add(cache._keys.data_ptr())
         assert cache.capacity <= 2 * cache.bound
         assert cache.memory_bytes <= cache.bound_bytes()

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 
@@ -28,6 +28,7 @@ from spattn.compiler.codegen import SIZE_CAP, pattern_literal, render
 from spattn.errors import SpattnError
 from spattn.patterns.spec import Pattern
 from spattn.runtime import generated
+from spattn.runtime.configs import LaunchConfig
 
 __all__ = ["DTYPES", "TARGETS", "Result", "Spec", "check", "compile_specs", "launches",
            "specializations"]
@@ -39,7 +40,7 @@ SHARED_LIMIT = {80: 166912, 90: 232448, 100: 232448}
 WORKERS = 2
 # constexprs every kernel has; the table shows the others as a kernel's shape
 COMMON = ("CAUSAL", "GROUP", "HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "PRECISION", "UNION",
-          "BRANCH", "BRANCHES", "BACKWARD")
+          "BRANCH", "BRANCHES", "BACKWARD", "num_warps", "num_stages")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ class Spec:
     @property
     def constexprs(self) -> dict[str, object]:
         return dict(self.kwargs)
+
+    def with_config(self, config: LaunchConfig) -> Spec:
+        """The same launch with another configuration's tiles, warps and stages."""
+        return replace(self, kwargs=tuple({**dict(self.kwargs), **config.kwargs()}.items()))
 
     @property
     def mode(self) -> str:
@@ -100,10 +105,10 @@ class _Recorder:
     """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kwargs)` is noted, not run."""
 
     def __init__(self, name: str, seen: list[tuple[str, tuple, dict]]) -> None:
-        self.name, self.seen = name, seen
+        self.__name__, self.seen = name, seen
 
     def __getitem__(self, grid: object) -> Callable[..., None]:
-        return lambda *args, **kwargs: self.seen.append((self.name, args, kwargs))
+        return lambda *args, **kwargs: self.seen.append((self.__name__, args, kwargs))
 
 
 def _describe(value: object) -> object:
@@ -126,9 +131,11 @@ def _sequence_length(pattern: Pattern) -> int:
     return min(SIZE_CAP, 1 << (max(sizes) - 1).bit_length())
 
 
-def launches(module: ModuleType, pattern: Pattern, dtype: str, head_dim: int) -> list[Spec]:
+def launches(module: ModuleType, pattern: Pattern, dtype: str, head_dim: int,
+             capability: int = 90) -> list[Spec]:
     """Every launch of the module's forward, backward and (causal) decode entry points, for one
-    dtype and head_dim, on meta tensors with a CUDA device's tile sizes."""
+    dtype and head_dim, on meta tensors with the launch configurations of a GPU of this compute
+    capability."""
     seen: list[tuple[str, tuple, dict]] = []
     kernels = {n: v for n, v in vars(module).items() if isinstance(v, triton.runtime.JITFunction)}
     saved = dict(kernels)
@@ -143,7 +150,7 @@ def launches(module: ModuleType, pattern: Pattern, dtype: str, head_dim: int) ->
         return torch.empty((1, h, rows, head_dim), **meta)
 
     try:
-        with generated.recording():
+        with generated.recording(capability):
             q, k, v = tensor(heads, n), tensor(kv_heads, n), tensor(kv_heads, n)
             out, lse = module.attention_with_lse(q, k, v)
             module.attention_backward(torch.empty_like(out), q, k, v, out, lse)
@@ -185,13 +192,14 @@ def specializations(pattern: Pattern, module: ModuleType, target: str, dtypes: I
                     head_dims: Iterable[int]) -> list[Spec]:
     """The distinct specializations, in launch order: two launches that triton would compile
     to one kernel (same types, divisibility, constexprs, options) are one."""
-    backend = _backend(target_capability(target))
+    capability = target_capability(target)
+    backend = _backend(capability)
     unique: dict[tuple, Spec] = {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # default: on
         for dtype in dtypes:
             for head_dim in head_dims:
-                for spec in launches(module, pattern, dtype, head_dim):
+                for spec in launches(module, pattern, dtype, head_dim, capability):
                     kernel = getattr(module, spec.kernel)
                     signature, constexprs, attrs, options = specialize(
                         kernel, backend, spec.args, dict(spec.kwargs))
@@ -201,10 +209,11 @@ def specializations(pattern: Pattern, module: ModuleType, target: str, dtypes: I
     return list(unique.values())
 
 
-def compile_specs(specs: list[Spec], module_path: Path, target: str,
+def compile_specs(specs: list[Spec], module_path: Path | list[Path], target: str,
                   progress: Callable[[int, int], None] | None = None,
                   workers: int = WORKERS) -> list[Result]:
-    """Compile each spec in worker processes (at most `workers`), triton's cache in a temp dir."""
+    """Compile each spec in worker processes (at most `workers`), triton's cache in a temp dir.
+    `module_path`: the module all specs come from, or one per spec."""
     capability = target_capability(target)
     results: list[Result | None] = [None] * len(specs)
     if not specs:
@@ -220,7 +229,9 @@ def compile_specs(specs: list[Spec], module_path: Path, target: str,
                                       stderr=errors, env=env, text=True)
                      for _ in range(max(1, min(workers, len(specs))))]
             try:
-                _serve(procs, specs, str(module_path), capability, results, progress)
+                paths = ([str(p) for p in module_path] if isinstance(module_path, list)
+                         else [str(module_path)] * len(specs))
+                _serve(procs, specs, paths, capability, results, progress)
             finally:
                 for proc in procs:
                     proc.kill()
@@ -233,7 +244,7 @@ def compile_specs(specs: list[Spec], module_path: Path, target: str,
     return results  # type: ignore[return-value]
 
 
-def _serve(procs: list[subprocess.Popen], specs: list[Spec], module_path: str,
+def _serve(procs: list[subprocess.Popen], specs: list[Spec], module_paths: list[str],
            capability: int, results: list, progress: Callable[[int, int], None] | None) -> None:
     """Hand the specs out one at a time to whichever worker is free."""
     todo = iter(range(len(specs)))
@@ -247,7 +258,7 @@ def _serve(procs: list[subprocess.Popen], specs: list[Spec], module_path: str,
             proc.stdin.close()
             return
         spec = specs[index]
-        job = {"module": module_path, "capability": capability, "kernel": spec.kernel,
+        job = {"module": module_paths[index], "capability": capability, "kernel": spec.kernel,
                "args": spec.args, "kwargs": dict(spec.kwargs)}
         proc.stdin.write(json.dumps(job) + "\n")
         proc.stdin.flush()

@@ -16,7 +16,7 @@ from types import ModuleType
 TENSOR_CORES = (("tcgen05", "tcgen05.mma"), ("wgmma", "wgmma.mma_async"), ("mma", "mma.sync"))
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=16)
 def _module(path: str) -> ModuleType:
     from spattn.runtime.triton_backend import import_module_file
 

@@ -1,14 +1,12 @@
 """What generated modules call at run time: input checks, head offsets, global-token tables,
-block sizes and the autograd Function. Generated code imports only torch, triton and this
+launch configurations and the autograd Function. Generated code imports only torch, triton and this
 module."""
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -17,10 +15,13 @@ import torch
 from spattn.limits import check_scale
 from spattn.patterns.blocks import random_blocks
 from spattn.patterns.geometry import head_offsets as _offsets
+from spattn.runtime.configs import launch_config, recording, recording_capability
 from spattn.runtime.dispatch import Call, InputError, check_fixed, check_tensors
+from spattn.runtime.tuning import launch
 
-__all__ = ["MAX_TOKENS", "check", "check_decode", "check_scale", "fit", "interpreter_problem",
-           "interpreter_state"]
+__all__ = ["MAX_TOKENS", "check", "check_decode", "check_scale", "decode_chunk", "fit",
+           "interpreter_problem", "interpreter_state", "launch", "launch_config", "merge_splits",
+           "recording"]
 
 # Positions are int32 in the kernels, and the sizes codegen prints are capped here (any size >= N
 # acts as N): the kernels take sequences up to this length.
@@ -110,23 +111,8 @@ def interpreter_problem(device: torch.device, kernel: object = None) -> str | No
     return None
 
 
-# set while `spattn check` (compiler/aot.py) drives a launcher whose kernels only record
-_RECORDING: ContextVar[bool] = ContextVar("spattn_recording", default=False)
-
-
-@contextmanager
-def recording() -> Iterator[None]:
-    """Launchers skip the device check and pick a CUDA device's tile sizes, for a module whose
-    kernels record their launches instead of running (spattn check)."""
-    token = _RECORDING.set(True)
-    try:
-        yield
-    finally:
-        _RECORDING.reset(token)
-
-
 def _check_interpreter(device: torch.device, kernel: object) -> None:
-    if _RECORDING.get():
+    if recording_capability() is not None:
         return
     problem = interpreter_problem(device, kernel)
     if problem:
@@ -160,17 +146,35 @@ def rows_contiguous(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return q, k, v
 
 
-def block_sizes(device: torch.device, dtype: torch.dtype = torch.float16, head_dim: int = 64
-                ) -> tuple[int, int]:
-    """Tile sizes (BLOCK_M, BLOCK_N): small under the CPU interpreter, where tiles are numpy;
-    on GPUs 64 x 64, and 64 x 32 for float32 rows longer than 64, whose 64 x 64 tiles in three
-    pipeline stages need more shared memory than sm_80 or sm_90 has (`spattn check`)."""
-    interpreted = device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
-    if interpreted and not _RECORDING.get():
-        return 16, 16
-    if dtype == torch.float32 and head_dim > 64:
-        return 64, 32
-    return 64, 64
+def decode_chunk(device: torch.device, keys: int, programs: int) -> int:
+    """Keys per decoding program (flash-decoding): enough chunks that `programs` row programs
+    times the chunks fill the GPU about twice, each chunk a multiple of 128 keys (of any BLOCK_N
+    the table holds). Under the interpreter, 16-key granules and a pretend 4-SM device, so that
+    tests merge several chunks."""
+    if device.type == "cuda":
+        processors, granule = torch.cuda.get_device_properties(device).multi_processor_count, 128
+    elif recording_capability() is not None:
+        processors, granule = 132, 128  # an H100's SMs
+    else:
+        processors, granule = 4, 16
+    splits = max(1, min(_cdiv(2 * processors, max(programs, 1)), _cdiv(keys, granule)))
+    return _cdiv(_cdiv(keys, splits), granule) * granule
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Merge flash-decoding's chunks: out (B, H, T, S, D) each chunk's normalized output, lse
+    (B, H, T, S) its natural-log LSE (-inf: the chunk gave the row no key)."""
+    if out.shape[3] == 1:
+        return out[:, :, :, 0]
+    top = lse.amax(-1, keepdim=True)
+    weight = torch.exp(lse - torch.where(torch.isfinite(top), top, 0.0))  # 0 where -inf
+    total = weight.sum(-1, keepdim=True)
+    weight = weight / torch.where(total > 0, total, 1.0)
+    return (out * weight[..., None]).sum(3)
 
 
 FP32_DOT = ("tf32x3", "ieee", "tf32")  # SPATTN_FP32_DOT: the first is the default

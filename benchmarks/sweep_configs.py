@@ -1,0 +1,220 @@
+"""Choose the launch-configuration table (spattn/runtime/launch_configs.json) by compiling
+candidates ahead of time, on this CPU machine, with triton's ptxas (no GPU).
+
+    python benchmarks/sweep_configs.py [--targets sm_80 sm_90] [--keep 3]
+
+Every kernel specialization the built-in patterns' launchers make (fp16, bf16, fp32; head dims
+64 and 128) is grouped by table cell: architecture, dtype, head dim, kernel and mode. Each cell
+tries its candidates, largest tiles first (FlashAttention's Triton kernels are the model: 128-row
+forward tiles with 8 warps, 32 x 128 dK/dV tiles), on every distinct kernel body of the cell,
+and keeps the first `--keep` that compile for all of them with no register spills and shared
+memory within the target. The first kept is the untuned default; a GPU times all kept ones at
+first use (spattn/runtime/tuning.py). Every compile is written to
+benchmarks/results/sweep_configs_<target>.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import triton
+
+from spattn.compiler import aot
+from spattn.compiler.codegen import render
+from spattn.patterns.loader import builtin_names, load_pattern
+from spattn.runtime import configs
+from spattn.runtime.configs import LaunchConfig
+
+RESULTS = Path(__file__).parent / "results"
+C = LaunchConfig
+# candidates per kernel role, best first: (BLOCK_M, BLOCK_N, num_warps, num_stages); 8 warps
+# halve each thread's share of a tile (float32's three-product dots need it)
+ROWS_FORWARD = [C(128, 64, 8, 3), C(128, 64, 8, 2), C(128, 32, 8, 2), C(64, 64, 4, 3),
+                C(64, 64, 4, 2), C(64, 64, 8, 2), C(64, 32, 4, 2), C(64, 32, 8, 2),
+                C(32, 32, 4, 2), C(32, 32, 8, 1), C(32, 16, 4, 1), C(16, 16, 4, 1)]
+ROWS_BACKWARD = [C(128, 64, 8, 2), C(128, 32, 8, 2), C(64, 64, 4, 2), C(64, 64, 8, 2),
+                 C(64, 32, 4, 2), C(64, 32, 8, 2), C(32, 32, 4, 2), C(32, 32, 8, 1),
+                 C(32, 16, 4, 1), C(16, 16, 4, 1), C(16, 16, 8, 1)]
+COLUMNS = [C(32, 128, 8, 2), C(64, 64, 8, 2), C(64, 64, 4, 2), C(32, 64, 4, 2), C(32, 64, 8, 2),
+           C(32, 64, 8, 1), C(32, 32, 4, 2), C(32, 32, 8, 1), C(16, 32, 4, 1), C(16, 32, 8, 1),
+           C(16, 16, 4, 1), C(16, 16, 8, 1)]
+# random blocks are 64 rows in the built-ins: tiles past the block would idle
+RANDOM_ROWS = [C(64, 64, 4, 3), C(64, 64, 4, 2), C(64, 64, 8, 2), C(64, 32, 4, 2),
+               C(64, 32, 8, 2), C(32, 32, 4, 2), C(32, 32, 8, 1), C(32, 16, 4, 1),
+               C(16, 16, 4, 1)]
+RANDOM_COLUMNS = [C(64, 64, 4, 2), C(64, 64, 8, 2), C(32, 64, 4, 2), C(32, 64, 8, 1),
+                  C(32, 32, 4, 2), C(32, 32, 8, 1), C(16, 32, 4, 1), C(16, 16, 4, 1)]
+DECODE = [C(16, 128, 4, 3), C(16, 64, 4, 3), C(16, 64, 4, 2), C(16, 32, 4, 2), C(16, 16, 4, 1)]
+
+
+def candidates(kernel: str, mode: str) -> list[LaunchConfig]:
+    if kernel == "decode_rows":
+        return DECODE
+    if kernel.startswith("random"):
+        return RANDOM_COLUMNS if kernel.endswith("_cols") else RANDOM_ROWS
+    if kernel.endswith("_cols"):
+        return COLUMNS
+    return ROWS_BACKWARD if mode == "bwd" else ROWS_FORWARD
+
+
+SIZES = ("SEGMENT", "DILATION", "WINDOW", "BLOCK", "DRAWS", "BRANCH", "BLOCK_M", "BLOCK_N",
+         "num_warps", "num_stages")
+
+
+def _body(spec: aot.Spec, pattern: str) -> tuple:
+    """What shapes a kernel's code, sizes aside: its flags, which tables it gets, and under union
+    (and in decoding) the pattern and branch, whose predicate is printed into it."""
+    c = spec.constexprs
+    flags = tuple((k, v) for k, v in c.items() if k not in SIZES)
+    printed = (pattern, c.get("BRANCH")) if c.get("UNION") or "BRANCHES" in c else ()
+    return flags, c.get("DILATION") == 1, tuple(a is None for a in spec.args), printed
+
+
+def collect(target: str, folder: Path) -> dict[str, list[tuple[aot.Spec, Path]]]:
+    """cell -> one (spec, module) per distinct kernel body of the built-ins."""
+    cells: dict[str, dict[tuple, tuple[aot.Spec, Path]]] = defaultdict(dict)
+    capability = aot.target_capability(target)
+    for pattern in map(load_pattern, builtin_names()):
+        name = pattern.name.replace("-", "_")
+        path = folder / f"{name}.py"
+        module = aot.load_module(render(pattern, name), path)
+        for spec in aot.specializations(pattern, module, target, list(aot.DTYPES), [64, 128]):
+            kernel = spec.kernel.lstrip("_")
+            key = configs.cell(capability, aot.DTYPES[spec.dtype], spec.head_dim, kernel,
+                               spec.mode)
+            cells[key].setdefault((spec.kernel, _body(spec, pattern.name)), (spec, path))
+    return {key: list(bodies.values()) for key, bodies in sorted(cells.items())}
+
+
+def sweep(target: str, keep: int) -> dict[str, list[list[int]]]:
+    """Try each cell's candidates in order; return cell -> the kept configurations."""
+    with tempfile.TemporaryDirectory(prefix="spattn-sweep-") as folder:
+        cells = collect(target, Path(folder))
+        print(f"{target}: {len(cells)} cells, "
+              f"{sum(len(v) for v in cells.values())} kernel bodies", flush=True)
+        pending = {key: list(candidates(key.split("/")[3], key.split("/")[4]))
+                   for key in cells}
+        kept: dict[str, list[LaunchConfig]] = defaultdict(list)
+        known, rows = _known(target)  # an earlier sweep's verdicts: not compiled again
+        while pending:
+            for key in list(pending):  # settle what the earlier sweep decided
+                while pending[key] and (key, str(pending[key][0])) in known \
+                        and len(kept[key]) < keep:
+                    config = pending[key].pop(0)
+                    if known[key, str(config)]:
+                        kept[key].append(config)
+                if len(kept[key]) >= keep or not pending[key]:
+                    del pending[key]
+            if not pending:
+                break
+            # one round: each open cell's next candidate, compiled for all its bodies at once
+            batch = [(key, config) for key, left in pending.items() for config in left[:1]]
+            jobs = [(key, config, spec.with_config(config), path) for key, config in batch
+                    for spec, path in cells[key]]
+            begin = time.perf_counter()
+            results = aot.compile_specs([j[2] for j in jobs], [j[3] for j in jobs], target)
+            fits: dict[tuple[str, LaunchConfig], bool] = defaultdict(lambda: True)
+            for (key, config, spec, _), result in zip(jobs, results, strict=True):
+                ok = result.ok and not result.spills
+                fits[key, config] &= ok
+                rows.append([key, str(config), spec.kernel, spec.mode, spec.dtype,
+                             spec.head_dim, _shape(spec), result.registers, result.spills,
+                             result.shared, result.tensor_core, result.error or "ok"])
+            for key, config in batch:
+                pending[key].pop(0)
+                if fits[key, config]:
+                    kept[key].append(config)
+                if len(kept[key]) >= keep or not pending[key]:
+                    del pending[key]
+            print(f"{target}: {len(jobs)} compiles in {time.perf_counter() - begin:.0f} s, "
+                  f"{len(pending)} cells open", flush=True)
+    with open(RESULTS / f"sweep_configs_{target}.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["cell", "config", "kernel", "mode", "dtype", "head_dim", "shape",
+                         "registers", "spills", "shared", "tensor_core", "status"])
+        writer.writerows(rows)
+    return from_csv(target, keep)
+
+
+def _known(target: str) -> tuple[dict[tuple[str, str], bool], list[list]]:
+    """(cell, config) -> whether it fit every body an earlier sweep compiled, and its rows."""
+    path = RESULTS / f"sweep_configs_{target}.csv"
+    if not path.exists():
+        return {}, []
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    known: dict[tuple[str, str], bool] = {}
+    for row in rows:
+        ok = row[-1] == "ok" and row[8] in ("0", "")
+        known[row[0], row[1]] = known.get((row[0], row[1]), True) and ok
+    return known, rows
+
+
+def _shape(spec: aot.Spec) -> str:
+    return ",".join(f"{k}={v}" for k, v in spec.constexprs.items() if k not in aot.COMMON)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--targets", nargs="+", choices=tuple(aot.TARGETS),
+                        default=["sm_80", "sm_90"])
+    parser.add_argument("--keep", type=int, default=3, help="configurations kept per cell")
+    parser.add_argument("--from-csv", action="store_true",
+                        help="rebuild the targets' table rows from their sweep CSVs, compiling "
+                             "nothing")
+    args = parser.parse_args()
+    for target in args.targets:
+        chosen = from_csv(target, args.keep) if args.from_csv else sweep(target, args.keep)
+        write_table(target, chosen)
+
+
+def from_csv(target: str, keep: int) -> dict[str, list[list[int]]]:
+    """The kept configurations of a sweep, from its CSV: per cell, in candidate order, the first
+    `keep` that compiled without spills for every kernel body. A cell where none did keeps the
+    one that spilled least (and says so)."""
+    fits: dict[str, dict[str, bool]] = defaultdict(dict)
+    worst: dict[str, dict[str, float]] = defaultdict(dict)  # most bytes spilled, inf: failed
+    with open(RESULTS / f"sweep_configs_{target}.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            compiled = row["status"] == "ok"
+            spilled = int(row["spills"] or 0) if compiled else float("inf")
+            tried, most = fits[row["cell"]], worst[row["cell"]]
+            tried[row["config"]] = tried.get(row["config"], True) and spilled == 0
+            most[row["config"]] = max(most.get(row["config"], 0), spilled)
+    chosen = {}
+    for cell, tried in fits.items():
+        order = candidates(cell.split("/")[3], cell.split("/")[4])
+        kept = [c for c in order if tried.get(str(c))][:keep]
+        if not kept:
+            least = min((c for c in order if str(c) in worst[cell]),
+                        key=lambda c: worst[cell][str(c)])
+            print(f"{target}: {cell}: no candidate fits without spills; keeping {least} "
+                  f"({worst[cell][str(least)]:.0f} bytes spilled)", file=sys.stderr)
+            kept = [least]
+        chosen[cell] = [[c.block_m, c.block_n, c.num_warps, c.num_stages] for c in kept]
+    return chosen
+
+
+def write_table(target: str, chosen: dict[str, list[list[int]]]) -> None:
+    """Replace the target's rows of the committed table."""
+    cells = json.loads(configs.TABLE.read_text()).get("cells", {})
+    cells = {k: v for k, v in cells.items() if not k.startswith(target + "/")}
+    cells.update(chosen)
+    table = {"about": "launch configurations per cell, [BLOCK_M, BLOCK_N, num_warps, "
+                      "num_stages], best first; made by benchmarks/sweep_configs.py with "
+                      f"triton {triton.__version__}: each compiles with no spills for every "
+                      "built-in kernel of its cell",
+             "cells": dict(sorted(cells.items()))}
+    configs.TABLE.write_text(json.dumps(table, indent=1) + "\n")
+    print(f"wrote {target}'s rows of {configs.TABLE}")
+
+
+if __name__ == "__main__":
+    main()

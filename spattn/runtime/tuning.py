@@ -1,0 +1,127 @@
+"""Launching a generated kernel with a tuned configuration.
+
+On a GPU, the first launch of a kernel for a shape times every configuration the committed table
+lists as fitting (spattn/runtime/configs.py) and keeps the fastest; the choice is cached in
+memory and on disk, one JSON file per device name and spattn and triton versions, keyed by the
+pattern's hash and the launch's shape. Tensors a kernel writes (the running O and LSE, the gradient
+accumulators) are saved before timing and restored after, so tuning never changes a result.
+
+SPATTN_TUNE=0 turns tuning off (the table's first configuration is used); SPATTN_CACHE_DIR
+moves the cache (default ~/.cache/spattn).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import triton
+
+from spattn.compiler.files import write_atomically
+from spattn.runtime.configs import LaunchConfig, candidates
+
+__all__ = ["cache_path", "launch", "tuning_enabled"]
+
+Grid = Callable[[LaunchConfig], tuple[int, ...]]
+_CHOSEN: dict[tuple[str, str], LaunchConfig] = {}  # (cache file, key) -> choice
+
+
+def tuning_enabled(device: torch.device) -> bool:
+    return device.type == "cuda" and os.environ.get("SPATTN_TUNE", "1") != "0"
+
+
+def _timer(run: Callable[[], None]) -> float:
+    """Milliseconds per run, median of repeats after warm-up (triton's benchmark timer)."""
+    return triton.testing.do_bench(run, warmup=5, rep=20, return_mode="median")
+
+
+def cache_path(device: torch.device) -> Path:
+    """This device's tuning file for these spattn and triton versions (new kernels, new
+    choices)."""
+    from spattn import __version__
+    root = Path(os.environ.get("SPATTN_CACHE_DIR") or Path.home() / ".cache" / "spattn")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    safe = "".join(c if c.isalnum() or c in "-." else "-" for c in name)
+    return root / "tuning" / f"{safe}-spattn-{__version__}-triton-{triton.__version__}.json"
+
+
+def _read(path: Path) -> dict[str, list[int]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _remember(path: Path, key: str, config: LaunchConfig) -> None:
+    """Add one choice to the file, under a lock, keeping what other processes added."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = _read(path)
+            data[key] = [config.block_m, config.block_n, config.num_warps, config.num_stages]
+            write_atomically(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+    except OSError:
+        pass  # a read-only home: the choice lasts for this process
+
+
+def _key(pattern_hash: str, name: str, mode: str, q: torch.Tensor, size: int,
+         meta: dict) -> str:
+    """What a choice depends on: the pattern, the kernel and its constants, dtype, head dim and
+    the sequence length to the next power of two (programs per launch)."""
+    shape = ",".join(f"{k}={v}" for k, v in sorted(meta.items())
+                     if isinstance(v, (bool, int, str)) and k not in ("BLOCK_M", "BLOCK_N"))
+    bucket = 1 << max(0, size - 1).bit_length()
+    return (f"{pattern_hash}|{name}|{mode}|{str(q.dtype).removeprefix('torch.')}|D={q.shape[-1]}"
+            f"|B*H={q.shape[0] * q.shape[1]}|N~{bucket}|{shape}")
+
+
+def _tune(kernel: object, options: Sequence[LaunchConfig], grid: Grid, args: tuple, meta: dict,
+          writes: Sequence[torch.Tensor]) -> LaunchConfig:
+    """The fastest of `options`; what the kernel writes is restored after the timings. A
+    configuration that fails to launch on this device is passed over."""
+    saved = [t.clone() for t in writes]
+    best, best_ms = options[0], float("inf")
+    try:
+        for config in options:
+            def run(config: LaunchConfig = config) -> None:
+                kernel[grid(config)](*args, **meta, **config.kwargs())
+
+            try:
+                ms = _timer(run)
+            except Exception:  # noqa: BLE001 - e.g. out of resources on this device
+                continue
+            if ms < best_ms:
+                best, best_ms = config, ms
+    finally:
+        for tensor, copy in zip(writes, saved, strict=True):
+            tensor.copy_(copy)
+    return best
+
+
+def launch(kernel: object, name: str, mode: str, grid: Grid, args: tuple, meta: dict, *,
+           q: torch.Tensor, size: int, pattern_hash: str,
+           writes: Sequence[torch.Tensor | None] = ()) -> None:
+    """Launch `kernel` (named `name`, e.g. 'dilated_rows'; mode fwd, bwd or decode) with the
+    grid `grid(config)` for its configuration: tuned on a GPU, the table's default otherwise.
+    `writes`: the tensors the kernel reads and writes, restored after tuning."""
+    options = candidates(name, mode, q.device, q.dtype, q.shape[-1])
+    config = options[0]
+    if len(options) > 1 and tuning_enabled(q.device):
+        path = cache_path(q.device)
+        key = _key(pattern_hash, name, mode, q, size, meta)
+        config = _CHOSEN.get((str(path), key))
+        if config is None:
+            stored = _read(path).get(key)
+            config = LaunchConfig(*stored) if stored in [
+                [c.block_m, c.block_n, c.num_warps, c.num_stages] for c in options] else None
+        if config is None:
+            config = _tune(kernel, options, grid, args, meta, [t for t in writes if t is not None])
+            _remember(path, key, config)
+        _CHOSEN[(str(path), key)] = config
+    kernel[grid(config)](*args, **meta, **config.kwargs())
