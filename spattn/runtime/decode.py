@@ -73,7 +73,6 @@ class KVCache:
         self._positions: torch.Tensor | None = None  # (capacity,) int64; DEAD: evicted
         self._last_use = np.zeros(0, dtype=np.int64)  # (capacity,) retention.last_use; -1 dead
         self._used = 0
-        self._live = 0
         self._shape: tuple | None = None  # (B, H, Hkv, D, dtype, device) of the first call
         self._bound: int | None = None
         self._backend_name: str | None = None
@@ -83,7 +82,7 @@ class KVCache:
     @property
     def kept(self) -> int:
         """Tokens whose keys and values the cache holds now (live ones)."""
-        return self._live
+        return int((self._last_use[:self._used] >= 0).sum())
 
     @property
     def capacity(self) -> int:
@@ -147,7 +146,7 @@ class KVCache:
 
     def reset(self) -> None:
         """Forget every token (a new sequence of the same shapes); the buffers are kept."""
-        self.seen = self._used = self._live = 0
+        self.seen = self._used = 0
         self._last_use[:] = -1
 
     # ---- decoding -----------------------------------------------------------------------------
@@ -213,7 +212,6 @@ class KVCache:
         self._positions[at] = positions
         self._last_use[at] = np.maximum(uses, -1)  # -1: no query attends it (dead at once)
         self._used += t
-        self._live += int((uses >= 0).sum())
 
     def _evict(self) -> None:
         """Mark the keys no query from `seen` on attends dead: no copy, only their positions
@@ -224,7 +222,6 @@ class KVCache:
             uses[dead] = -1
             index = torch.from_numpy(dead).to(self._positions.device)
             self._positions.index_fill_(0, index, DEAD)
-            self._live -= len(dead)
 
     def _compact(self) -> None:
         """Move the live keys, in order, to the front of the buffers."""
