@@ -12,6 +12,8 @@ gradient of the merged output, mixing weights included.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 QUERY_CHUNK = 1024  # rows per matmul chunk in the fallback
@@ -41,37 +43,63 @@ def _additive(allowed: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor 
     return bias.masked_fill_(~allowed, float("-inf")).unsqueeze(0)
 
 
+@dataclass(frozen=True)
+class Mask:
+    """A bool mask of allowed pairs (S or 1, Mq, Mk) with what the kernels derive from it: the
+    additive form the fused kernel takes and the rows with no allowed key. Built once, reused."""
+
+    allowed: torch.Tensor
+    bias: torch.Tensor  # (1, S or 1, Mq, Mk): 0 or -inf, in the inputs' dtype
+    empty_rows: torch.Tensor  # (1, S or 1, Mq): True where a row has no allowed key
+
+    @staticmethod
+    def of(allowed: torch.Tensor, dtype: torch.dtype) -> Mask:
+        return Mask(allowed, _additive(allowed, dtype), ~allowed.any(-1).unsqueeze(0))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.allowed, self.bias,
+                                                          self.empty_rows))
+
+
+def _as_mask(allowed: torch.Tensor | Mask | None, dtype: torch.dtype) -> Mask | None:
+    return allowed if allowed is None or isinstance(allowed, Mask) else Mask.of(allowed, dtype)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
-           allowed: torch.Tensor | None, force_math: bool = False
+           allowed: torch.Tensor | Mask | None, force_math: bool = False
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, S, Mq, D), k/v (B, S, Mk, D) -> O (B, S, Mq, D), LSE (B, S, Mq) (float32 or 64).
 
     Rows with no allowed key get O = 0 and LSE = -inf.
     """
+    mask = _as_mask(allowed, q.dtype)
     if _fused(q.device, force_math):
         q, k, v = unit_stride_rows(q, k, v)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, attn_mask=_additive(allowed, q.dtype), scale=scale)
+            q, k, v, 0.0, causal, attn_mask=None if mask is None else mask.bias, scale=scale)
     else:
-        out, lse = _math_forward(q, k, v, scale, causal, allowed)
-    if allowed is not None:  # the fused kernel reports LSE = 0 for rows with nothing allowed
-        lse = lse.masked_fill(~allowed.any(-1).unsqueeze(0), float("-inf"))
+        out, lse = _math_forward(q, k, v, scale, causal, None if mask is None else mask.allowed)
+    if mask is not None:  # the fused kernel reports LSE = 0 for rows with nothing allowed
+        lse = lse.masked_fill(mask.empty_rows, float("-inf"))
     return out, lse
 
 
 def attend_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     out: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
-                    allowed: torch.Tensor | None, force_math: bool = False
+                    allowed: torch.Tensor | Mask | None, force_math: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dQ, dK, dV of one piece, from the merged output `out` and merged `lse` of its rows."""
     # a row no piece gave any key has LSE = -inf; +inf makes its P = exp(S - LSE) exactly 0
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+    mask = _as_mask(allowed, q.dtype)
     if _fused(q.device, force_math):
         do, q, k, v, out = unit_stride_rows(do, q, k, v, out)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             do, q, k, v, out, lse.contiguous(), 0.0, causal,
-            attn_mask=_additive(allowed, q.dtype), scale=scale)
-    return _math_backward(do, q, k, v, out, lse, scale, causal, allowed)
+            attn_mask=None if mask is None else mask.bias, scale=scale)
+    return _math_backward(do, q, k, v, out, lse, scale, causal,
+                          None if mask is None else mask.allowed)
 
 
 def _accum_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import torch
 
@@ -61,7 +62,29 @@ def _dilated(g: Dilated, n: int, head: int, causal: bool) -> Iterator[Piece]:
         yield Piece(head, rows, rows, causal=causal)
 
 
-def _window(g: Window, n: int, head: int, causal: bool) -> Iterator[Piece]:
+@lru_cache(maxsize=256)
+def _band(w: int, causal: bool) -> MaskFn:
+    """The window's predicate, one object per (size, causality): every head's pieces share it, so
+    a batch of heads builds one mask (runtime/batches.py)."""
+    def band(qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        allowed = (qpos - kpos).abs() < w
+        return allowed & (kpos <= qpos) if causal else allowed
+
+    return band
+
+
+@lru_cache(maxsize=256)
+def _not_global(g: Global, causal: bool) -> MaskFn:
+    """Every key but the global tokens (whose pairs the first global piece has): one object per
+    branch, shared by every head."""
+    def others(qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        allowed = ~g.is_global(kpos)
+        return allowed & (kpos <= qpos) if causal else allowed
+
+    return others
+
+
+def _window(g: Window, n: int, head: int, causal: bool, divisor: int = 8) -> Iterator[Piece]:
     """Chunks of c queries against the keys around them.
 
     An interior chunk [a, a+c) splits its keys into a block every query sees (no mask), the
@@ -73,13 +96,9 @@ def _window(g: Window, n: int, head: int, causal: bool) -> Iterator[Piece]:
     if w >= n:  # every pair is inside the window
         yield from _dense(n, head, causal)
         return
-    c = min(max(w // 8, 16), 512, w)
+    c = min(max(w // divisor, 16), 512, w)
     before, after = w - 1, 0 if causal else w - 1
-
-    def band(qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
-        allowed = (qpos - kpos).abs() < w
-        return allowed & (kpos <= qpos) if causal else allowed
-
+    band = _band(w, causal)
     # interior chunks start at `origin`: the first query whose keys all lie at or after token 0
     origin = w if causal else w - 1
     if causal:
@@ -110,13 +129,8 @@ def _global(g: Global, n: int, head: int, causal: bool) -> Iterator[Piece]:
     if not g.tokens:
         return
     yield Piece(head, Rows(0, n), Rows.of(g.tokens), mask=_causal if causal else None)
-
-    def others(qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
-        allowed = ~g.is_global(kpos)
-        return allowed & (kpos <= qpos) if causal else allowed
-
     if len(g.tokens) < n:
-        yield Piece(head, Rows.of(g.tokens), Rows(0, n), mask=others)
+        yield Piece(head, Rows.of(g.tokens), Rows(0, n), mask=_not_global(g, causal))
 
 
 def _strided(g: Strided, n: int, head: int, causal: bool) -> Iterator[Piece]:
@@ -149,11 +163,12 @@ def _dense(n: int, head: int, causal: bool) -> Iterator[Piece]:
     yield Piece(head, Rows(0, n), Rows(0, n), causal=causal)
 
 
-def branch_pieces(g: Geometry, n: int, head: int, causal: bool) -> Iterator[Piece]:
+def branch_pieces(g: Geometry, n: int, head: int, causal: bool, divisor: int = 8
+                  ) -> Iterator[Piece]:
     if isinstance(g, Dilated):
         return _dilated(g, n, head, causal)
     if isinstance(g, Window):
-        return _window(g, n, head, causal)
+        return _window(g, n, head, causal, divisor)
     if isinstance(g, Global):
         return _global(g, n, head, causal)
     if isinstance(g, Strided):
@@ -198,8 +213,9 @@ def _split(piece: Piece, budget: int) -> Iterator[Piece]:
 
 
 def plan_pieces(branches: tuple[Geometry, ...], n: int, heads: int, causal: bool, union: bool,
-                budget: int = MASK_BUDGET) -> list[Piece]:
-    """All pieces of a resolved pattern, head by head, in branch order."""
+                budget: int = MASK_BUDGET, divisor: int = 8) -> list[Piece]:
+    """All pieces of a resolved pattern, head by head, in branch order; windows of W tokens in
+    chunks of about W / divisor queries."""
     pieces = []
     for head in range(heads):
         written = torch.zeros(n, dtype=torch.bool)  # query rows some earlier piece wrote
@@ -207,7 +223,7 @@ def plan_pieces(branches: tuple[Geometry, ...], n: int, heads: int, causal: bool
             if not g.applies(head):  # a branch for other heads
                 continue
             earlier = tuple(e for e in branches[:i] if e.applies(head))
-            for piece in branch_pieces(g, n, head, causal):
+            for piece in branch_pieces(g, n, head, causal, divisor):
                 if not piece.q.count or not piece.k.count:
                     continue
                 if union and earlier:

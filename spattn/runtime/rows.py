@@ -9,6 +9,7 @@ starts are listed (a gather).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -43,7 +44,12 @@ class Rows:
         return spread and self.seg_stride * self.nseg > self.step
 
     def positions(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """(nseg, count) int64 token positions."""
+        """(nseg, count) int64 token positions (kept for listed rows: do not write to them)."""
+        if self.index is not None or self.starts is not None:
+            return _listed_positions(self, str(device))
+        return self._positions(device)
+
+    def _positions(self, device: torch.device | str) -> torch.Tensor:
         if self.index is not None:
             return torch.tensor(self.index, dtype=torch.int64, device=device)[None]
         if self.starts is not None:
@@ -92,3 +98,10 @@ class Rows:
             return
         idx = self.positions(x.device).flatten()
         x.index_add_(1, idx, value.flatten(1, 2).to(x.dtype))
+
+
+@lru_cache(maxsize=4096)
+def _listed_positions(rows: Rows, device: str) -> torch.Tensor:
+    """Positions of listed rows (global tokens, random blocks), made once: a tuple of Python
+    ints costs more to turn into a tensor than the gather that uses it."""
+    return rows._positions(device)

@@ -8,14 +8,21 @@ views of q, k, v, and a mask, when it needs one, covers only that piece's rows.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
-from spattn.patterns.geometry import Geometry
-from spattn.runtime.kernels import attend, attend_backward, unit_stride_rows
-from spattn.runtime.pieces import Piece, plan_pieces
+from spattn.patterns.geometry import Geometry, Window
+from spattn.runtime import costs
+from spattn.runtime.batches import Batch, plan_batches
+from spattn.runtime.kernels import Mask, attend, attend_backward, unit_stride_rows
+from spattn.runtime.pieces import plan_pieces
+from spattn.runtime.rows import Rows
+
+WINDOW_DIVISORS = (8, 4, 2)  # window chunks of W/8, W/4 or W/2 queries, as the model prefers
 
 
 @dataclass(frozen=True)
@@ -36,13 +43,102 @@ class Problem:
 
 
 @lru_cache(maxsize=64)
-def _pieces(problem: Problem) -> tuple[Piece, ...]:
-    return tuple(plan_pieces(problem.branches, problem.seq_len, problem.heads, problem.causal,
-                             problem.union))
+def plan(problem: Problem, head_dim: int, model: costs.CostModel) -> tuple[Batch, ...]:
+    """The batches of a call shape, built once per (problem, head dim, cost model). Windows are
+    cut in chunks of W/8, W/4 or W/2 queries, whichever the model predicts fastest."""
+    windows = any(isinstance(g, Window) for g in problem.branches)
+    plans = []
+    for divisor in WINDOW_DIVISORS if windows else WINDOW_DIVISORS[:1]:
+        pieces = tuple(plan_pieces(problem.branches, problem.seq_len, problem.heads,
+                                   problem.causal, problem.union, divisor=divisor))
+        plans.append(plan_batches(pieces, problem.heads, problem.kv_heads, problem.seq_len,
+                                  head_dim, model))
+    return min(plans, key=lambda batches: sum(b.cost_us for b in batches))
+
+
+def _plan(problem: Problem, head_dim: int) -> tuple[Batch, ...]:
+    return plan(problem, head_dim, costs.current())
+
+
+MASK_CACHE_BYTES = 256 << 20  # masks kept between calls (they cost more to build than to use)
+_masks: OrderedDict[tuple[Batch, str, torch.dtype], Mask] = OrderedDict()
+
+
+def _mask(batch: Batch, device: torch.device, dtype: torch.dtype) -> Mask | None:
+    """The batch's mask, built once and kept (least recently used first out) while the kept
+    masks fit MASK_CACHE_BYTES: predicates over positions cost more than the kernel's use."""
+    if batch.pieces[0].mask is None:
+        return None
+    key = (batch, str(device), dtype)
+    if (mask := _masks.get(key)) is not None:
+        _masks.move_to_end(key)
+        return mask
+    mask = Mask.of(batch.mask_tensor(device), dtype)
+    if mask.nbytes <= MASK_CACHE_BYTES:
+        _masks[key] = mask
+        while sum(m.nbytes for m in _masks.values()) > MASK_CACHE_BYTES:
+            _masks.popitem(last=False)
+    return mask
 
 
 def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _gather(batch: Batch, x: torch.Tensor, side: str, problem: Problem) -> torch.Tensor:
+    """The batch's rows of x (B, H or Hkv, N, ...) as one (B', S, M, ...) tensor: a view of the
+    folded (B*H, N, ...) tensor, one piece's view, or the pieces' rows stacked (a copy)."""
+    rows = [getattr(p, side) for p in batch.pieces]
+    if batch.folded:
+        return rows[0].take(x.flatten(0, 1))
+    heads = [p.head if side == "q" or x.shape[1] == problem.heads else problem.kv_head(p.head)
+             for p in batch.pieces]
+    parts = [r.take(x[:, h]) for r, h in zip(rows, heads, strict=True)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+def _targets(batch: Batch, x: torch.Tensor, side: str, problem: Problem
+             ) -> Iterator[tuple[Rows, torch.Tensor, slice]]:
+    """(rows, target view of x, slice of the batch's S axis) for each piece the batch writes: one
+    for all heads when folded. Each view is made when its turn comes, after the writes before it
+    (autograd refuses an in-place write through a view taken before another write)."""
+    if batch.folded:
+        yield batch.pieces[0].q if side == "q" else batch.pieces[0].k, x.flatten(0, 1), slice(None)
+        return
+    for i, p in enumerate(batch.pieces):
+        rows = p.q if side == "q" else p.k
+        h = p.head if side == "q" else problem.kv_head(p.head)
+        yield rows, x[:, h], slice(i * rows.nseg, (i + 1) * rows.nseg)
+
+
+def _merge(rows: Rows, o_acc_all: torch.Tensor, l_acc_all: torch.Tensor, o_p: torch.Tensor,
+           l_p: torch.Tensor, fresh: bool) -> None:
+    """Merge one result (O, LSE) into the running (O, LSE) of its rows by log-sum-exp:
+    O += w (O_p - O) with w = exp(LSE_p - LSE_new), the new result's share of the softmax mass.
+    In place where the rows are a view; written back where they were gathered."""
+    if fresh:
+        rows.put(o_acc_all, o_p)
+        rows.put(l_acc_all, l_p)
+        return
+    acc = o_acc_all.dtype
+    o_acc, l_acc = rows.take(o_acc_all), rows.take(l_acc_all)
+    l_p = l_p.to(acc)
+    l_new = torch.logaddexp(l_acc, l_p)
+    share = torch.exp(l_p - l_new).nan_to_num_(0.0)  # NaN: a row with no key yet on either side
+    o_acc.lerp_(o_p.to(acc), share.unsqueeze(-1))
+    l_acc.copy_(l_new)
+    if rows.index is not None or rows.starts is not None:  # take gathered a copy
+        rows.put(o_acc_all, o_acc)
+        rows.put(l_acc_all, l_acc)
+
+
+def _dense(batches: tuple[Batch, ...], problem: Problem) -> Batch | None:
+    """The one batch of a call that is plain dense attention over every head (a dense or causal
+    pattern, or a window wider than the sequence): its results are the call's, as they come."""
+    if len(batches) != 1 or not batches[0].folded:
+        return None
+    piece, whole = batches[0].pieces[0], Rows(0, problem.seq_len)
+    return batches[0] if piece.q == whole and piece.k == whole and piece.mask is None else None
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problem: Problem
@@ -50,24 +146,24 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problem: Problem
     """O (B, H, N, D) in q's dtype and LSE (B, H, N) (-inf where a query got no key)."""
     q, k, v = unit_stride_rows(q, k, v)  # once here, rather than per piece in `attend`
     acc = _accum_dtype(q.dtype)
+    batches = _plan(problem, q.shape[-1])
+    if (dense := _dense(batches, problem)) is not None:
+        o, o_lse = attend(*(_gather(dense, x, "q", problem) for x in (q, k, v)), problem.scale,
+                          dense.pieces[0].causal, None, problem.force_math)
+        return o.view(q.shape), o_lse.to(acc).view(q.shape[:3])
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
-    for piece in _pieces(problem):
-        h, kvh = piece.head, problem.kv_head(piece.head)
-        allowed = piece.mask_tensor(q.device)
-        o_p, l_p = attend(piece.q.take(q[:, h]), piece.k.take(k[:, kvh]), piece.k.take(v[:, kvh]),
-                          problem.scale, piece.causal, allowed, problem.force_math)
-        if piece.fresh:
-            piece.q.put(out[:, h], o_p)
-            piece.q.put(lse[:, h], l_p)
-            continue
-        o_acc, l_acc = piece.q.take(out[:, h]), piece.q.take(lse[:, h])
-        l_new = torch.logaddexp(l_acc, l_p.to(acc))
-        finite = l_new.isfinite()  # -inf - -inf would be NaN: rows still without keys stay 0
-        w_acc = torch.where(finite, torch.exp(l_acc - l_new), 0).unsqueeze(-1)
-        w_p = torch.where(finite, torch.exp(l_p.to(acc) - l_new), 0).unsqueeze(-1)
-        piece.q.put(out[:, h], o_acc * w_acc + o_p.to(acc) * w_p)
-        piece.q.put(lse[:, h], l_new)
+    for batch in batches:
+        first = batch.pieces[0]
+        o, o_lse = attend(_gather(batch, q, "q", problem), _gather(batch, k, "k", problem),
+                      _gather(batch, v, "k", problem), problem.scale, first.causal,
+                      _mask(batch, q.device, q.dtype), problem.force_math)
+        fresh = all(p.fresh for p in batch.pieces)
+        for (rows, o_all, part), piece in zip(_targets(batch, out, "q", problem), batch.pieces,
+                                              strict=False):
+            l_all = lse.flatten(0, 1) if batch.folded else lse[:, piece.head]
+            _merge(rows, o_all, l_all, o[:, part], o_lse[:, part],
+                   fresh if batch.folded else piece.fresh)
     return out.to(q.dtype), lse
 
 
@@ -76,18 +172,26 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     do, q, k, v, out = unit_stride_rows(do, q, k, v, out)
     acc = _accum_dtype(q.dtype)
+    batches = _plan(problem, q.shape[-1])
+    lse_kernel = lse if q.dtype == torch.float64 else lse.float()
+    if (dense := _dense(batches, problem)) is not None:
+        grads = attend_backward(
+            *(_gather(dense, x, "q", problem) for x in (do, q, k, v, out, lse_kernel)),
+            problem.scale, dense.pieces[0].causal, None, problem.force_math)
+        return tuple(g.view(x.shape) for g, x in zip(grads, (q, k, v), strict=True))
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-    lse_kernel = lse if q.dtype == torch.float64 else lse.float()
-    for piece in _pieces(problem):
-        h, kvh = piece.head, problem.kv_head(piece.head)
-        rows = piece.q
+    for batch in batches:
+        first = batch.pieces[0]
         grads = attend_backward(
-            rows.take(do[:, h]), rows.take(q[:, h]), piece.k.take(k[:, kvh]),
-            piece.k.take(v[:, kvh]), rows.take(out[:, h]), rows.take(lse_kernel[:, h]),
-            problem.scale, piece.causal, piece.mask_tensor(q.device), problem.force_math)
-        rows.add(dq[:, h], grads[0])
-        piece.k.add(dk[:, kvh], grads[1])
-        piece.k.add(dv[:, kvh], grads[2])
+            *(_gather(batch, x, "q", problem) for x in (do, q)),
+            *(_gather(batch, x, "k", problem) for x in (k, v)),
+            _gather(batch, out, "q", problem), _gather(batch, lse_kernel, "q", problem),
+            problem.scale, first.causal, _mask(batch, q.device, q.dtype), problem.force_math)
+        for rows, target, part in _targets(batch, dq, "q", problem):
+            rows.add(target, grads[0][:, part])
+        for grad, dx in zip(grads[1:], (dk, dv), strict=True):
+            for rows, target, part in _targets(batch, dx, "k", problem):
+                rows.add(target, grad[:, part])
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

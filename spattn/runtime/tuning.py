@@ -23,6 +23,7 @@ import triton
 
 from spattn.compiler.files import write_atomically
 from spattn.runtime.configs import LaunchConfig, candidates
+from spattn.runtime.triton_backend import cache_dir
 
 __all__ = ["cache_path", "launch", "tuning_enabled"]
 
@@ -43,10 +44,9 @@ def cache_path(device: torch.device) -> Path:
     """This device's tuning file for these spattn and triton versions (new kernels, new
     choices)."""
     from spattn import __version__
-    root = Path(os.environ.get("SPATTN_CACHE_DIR") or Path.home() / ".cache" / "spattn")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     safe = "".join(c if c.isalnum() or c in "-." else "-" for c in name)
-    return root / "tuning" / f"{safe}-spattn-{__version__}-triton-{triton.__version__}.json"
+    return cache_dir() / "tuning" / f"{safe}-spattn-{__version__}-triton-{triton.__version__}.json"
 
 
 def _read(path: Path) -> dict[str, list[int]]:

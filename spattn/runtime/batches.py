@@ -1,0 +1,148 @@
+"""The PyTorch backend's plan: a pattern's pieces grouped into batches, each batch one call of the
+fused attention kernel.
+
+Pieces of different heads often have the same shape (a dilated branch gives every head one piece
+per segment run, at its own offset). Run one by one, each pays the kernel's fixed cost and splits
+a small problem over the cores; stacked, they are one call. Stacking copies the pieces' rows
+(gather), except when every head reads the same rows of its own q, k and v: then the batch is a
+view of the (B*H, N, D) tensors (`folded`) and costs no copy at all.
+
+Whether to stack a group is the cost model's choice (`spattn.runtime.costs`): a call saved
+against the bytes copied. Any grouping is exact: pieces only ever merge into their own head's
+rows by log-sum-exp, in any order.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from spattn.runtime import costs
+from spattn.runtime.pieces import MASK_BUDGET, Piece
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Pieces of one shape, at most one per head, run as one attention call."""
+
+    pieces: tuple[Piece, ...]
+    folded: bool = False  # every head, the same rows, H == Hkv: a view of (B*H, N, D)
+    why: str = ""  # the cost model's reason, for `spattn inspect --plan`
+    cost_us: float = 0.0  # the model's prediction for one batch row (B = 1)
+
+    @property
+    def strategy(self) -> str:
+        if self.folded:
+            return "heads folded (view)"
+        return "stacked (gather)" if len(self.pieces) > 1 else "strided view"
+
+    def mask_tensor(self, device: torch.device | str) -> torch.Tensor | None:
+        """Allowed pairs for the call: the pieces' one mask when they share it (broadcast over
+        heads and segments), else each piece's for its segments, stacked like the rows."""
+        first = self.pieces[0]
+        if first.mask is None or _same(self.pieces):
+            return first.mask_tensor(device)
+        return torch.cat([p.mask_tensor(device).expand(p.q.nseg, -1, -1) for p in self.pieces])
+
+    def describe(self) -> str:
+        p = self.pieces[0]
+        heads = f"{len(self.pieces)} head{'s' if len(self.pieces) > 1 else ''}"
+        shape = f"{p.q.nseg} x ({p.q.count} x {p.k.count})"
+        kind = "causal" if p.causal else "masked" if p.mask is not None else "full"
+        return f"{self.strategy:<20} {heads:<9} {shape:<24} {kind:<6} {self.why}"
+
+
+def _shape(piece: Piece) -> tuple:
+    """Pieces with equal shapes can share a call: rows per segment, segments, causality, and
+    whether a mask says which pairs count."""
+    q, k = piece.q, piece.k
+    return q.count, q.nseg, k.count, k.nseg, piece.causal, piece.mask is None
+
+
+def _same(pieces: Sequence[Piece]) -> bool:
+    """The same rows and the same mask (one predicate object) on every piece."""
+    first = pieces[0]
+    return all(p.q == first.q and p.k == first.k and p.mask is first.mask for p in pieces)
+
+
+def _mask_elements(pieces: Sequence[Piece]) -> int:
+    """Mask elements a stacked batch would build: one mask when all pieces share it."""
+    if pieces[0].mask is None:
+        return 0
+    if _same(pieces):
+        p = pieces[0]
+        return (1 if p.shared_mask else p.q.nseg) * p.q.count * p.k.count
+    return sum(p.q.nseg * p.q.count * p.k.count for p in pieces)
+
+
+def plan_batches(pieces: tuple[Piece, ...], heads: int, kv_heads: int, seq_len: int,
+                 head_dim: int, model: costs.CostModel) -> tuple[Batch, ...]:
+    """Group same-shape pieces of different heads; keep a group stacked when the model says the
+    saved calls cost more than the copies. `fresh` is recomputed for the batches' order."""
+    groups: dict[tuple, list[list[Piece]]] = defaultdict(list)
+    order: list[list[Piece]] = []
+    for piece in pieces:
+        for group in groups[_shape(piece)]:
+            if all(p.head != piece.head for p in group):
+                group.append(piece)
+                break
+        else:
+            group = [piece]
+            groups[_shape(piece)].append(group)
+            order.append(group)
+    batches: list[Batch] = []
+    for group in order:
+        folded = len(group) == heads and heads == kv_heads and _same(group)
+        p = group[0]
+        one = model.call(p.q.nseg, p.q.count, p.k.count, p.causal, head_dim)  # one piece alone
+        if folded:
+            cost = model.call(p.q.nseg * heads, p.q.count, p.k.count, p.causal, head_dim)
+            batches.append(Batch(tuple(group), True, "every head reads the same rows: no copy",
+                                 cost))
+        elif len(group) == 1:
+            batches.append(Batch(tuple(group), why="no other head has this shape", cost_us=one))
+        elif _mask_elements(group) > MASK_BUDGET:
+            batches.extend(Batch((p,), why="the stacked masks would pass the mask budget",
+                                 cost_us=one) for p in group)
+        else:
+            separate, stacked = model.compare(group, head_dim)
+            why = f"{separate / 1e3:.2f} ms as {len(group)} calls, {stacked / 1e3:.2f} ms stacked"
+            if stacked < separate:
+                batches.append(Batch(tuple(group), why=why, cost_us=stacked))
+            else:
+                batches.extend(Batch((p,), why=why, cost_us=one) for p in group)
+    return _mark_fresh(batches, heads, seq_len)
+
+
+def describe_plan(batches: tuple[Batch, ...], model: costs.CostModel) -> list[str]:
+    """A line per distinct batch (strategy, heads, segments x (queries x keys), kind, reason),
+    repeats counted, under a summary line."""
+    counts: dict[str, int] = {}
+    for batch in batches:
+        line = batch.describe()
+        counts[line] = counts.get(line, 0) + 1
+    pieces = sum(len(b.pieces) for b in batches)
+    total = sum(b.cost_us for b in batches) / 1e3
+    lines = [f"{len(batches)} calls for {pieces} pieces, {total:.1f} ms predicted (B=1); cost "
+             f"model {model.describe()}"]
+    lines += [f"{n:>3} x {line}" for line, n in counts.items()]
+    return lines
+
+
+def _mark_fresh(batches: list[Batch], heads: int, seq_len: int) -> tuple[Batch, ...]:
+    """A piece is fresh when no earlier batch wrote any of its head's rows: it stores its output
+    instead of merging it."""
+    written = torch.zeros((heads, seq_len), dtype=torch.bool)
+    marked = []
+    for batch in batches:
+        pieces = []
+        for piece in batch.pieces:
+            rows = piece.q.positions().flatten()
+            fresh = not bool(written[piece.head, rows].any())
+            written[piece.head, rows] = True
+            pieces.append(replace(piece, fresh=fresh))
+        marked.append(replace(batch, pieces=tuple(pieces)))
+    return tuple(marked)

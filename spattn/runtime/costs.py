@@ -1,0 +1,171 @@
+"""The PyTorch backend's cost model: what one attention call, one copied byte and one scored pair
+cost on this machine, used to choose a plan (`spattn.runtime.batches`).
+
+The untuned model is a fixed table (measured on a 2-core x86 machine), so plans are the same
+everywhere until `spattn tune` measures this machine. Its figures are kept in
+`$SPATTN_CACHE_DIR/costs/<machine>-torch-<version>.json` and read by every later process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from spattn.compiler.files import write_atomically
+from spattn.runtime.triton_backend import cache_dir
+
+KV_SPLIT = 512  # keys per block of torch's fused CPU attention
+
+
+def _q_split(rows: int) -> int:
+    """Query rows per block of torch's fused CPU attention (its choice by query length)."""
+    return 256 if rows >= 768 else 64 if rows >= 192 else 32
+
+
+def busiest_pairs(problems: int, mq: int, mk: int, causal: bool, threads: int) -> int:
+    """Pairs the busiest thread scores in one fused call over `problems` (mq x mk) problems.
+
+    The kernel cuts each problem into query blocks and hands the (problem, block) list to the
+    threads in equal contiguous runs; causal, a block scores its keys up to its last row, rounded
+    up to whole key blocks. One causal problem on two threads thus leaves the first thread about
+    a third of the work: stacking problems evens it out.
+    """
+    qs = _q_split(mq)
+    blocks = -(-mq // qs)
+    costs = []
+    for i in range(blocks):
+        rows = min(qs, mq - i * qs)
+        keys = mk
+        if causal:
+            keys = min(mk, -(-min(mk, (i + 1) * qs) // KV_SPLIT) * KV_SPLIT)
+        costs.append(rows * keys)
+    items = problems * blocks
+    prefix = [0]
+    for cost in costs:
+        prefix.append(prefix[-1] + cost)
+
+    def work(end: int) -> int:  # items 0 .. end-1: whole problems, then a partial one
+        return end // blocks * prefix[-1] + prefix[end % blocks]
+
+    per_thread = -(-items // max(1, threads))
+    busiest = 0
+    for first in range(0, items, per_thread):  # each thread's contiguous run of items
+        busiest = max(busiest, work(min(items, first + per_thread)) - work(first))
+    return busiest
+
+
+@dataclass(frozen=True)
+class CostModel:
+    call_us: float  # fixed cost of one attention call with its merge
+    copy_gbps: float  # gathering rows into a stacked batch (GB/s)
+    pair_ns: float  # one (query, key) pair at head dim 64, on one thread
+    source: str = "default"
+
+    def call(self, problems: int, mq: int, mk: int, causal: bool, head_dim: int) -> float:
+        """Predicted microseconds of one fused call."""
+        pairs = busiest_pairs(problems, mq, mk, causal, torch.get_num_threads())
+        return self.call_us + pairs * self.pair_ns * head_dim / 64 / 1e3
+
+    def compare(self, pieces: Sequence, head_dim: int, item_bytes: int = 4
+                ) -> tuple[float, float]:
+        """Predicted microseconds of the same-shape pieces run one call each, and stacked into
+        one call (the rows of q, k and v of every piece copied first)."""
+        p = pieces[0]
+        args = (p.q.count, p.k.count, p.causal, head_dim)
+        separate = len(pieces) * self.call(p.q.nseg, *args)
+        rows = sum(x.q.count * x.q.nseg + 2 * x.k.count * x.k.nseg for x in pieces)
+        copy_us = rows * head_dim * item_bytes / (self.copy_gbps * 1e3)
+        return separate, self.call(p.q.nseg * len(pieces), *args) + copy_us
+
+    def stack(self, pieces: Sequence, head_dim: int, item_bytes: int = 4) -> bool:
+        """Whether one call over the stacked pieces beats one call each: the calls saved and the
+        threads evened out, against the rows copied."""
+        if len(pieces) < 2:
+            return False
+        separate, stacked = self.compare(pieces, head_dim, item_bytes)
+        return stacked < separate
+
+    def describe(self) -> str:
+        return (f"{self.source}: {self.call_us:.0f} us a call, {self.copy_gbps:.1f} GB/s "
+                f"gathered, {self.pair_ns:.2f} ns a pair a thread (D=64)")
+
+
+DEFAULT = CostModel(call_us=120.0, copy_gbps=6.0, pair_ns=10.0)
+
+
+def _path() -> Path:
+    machine = f"{platform.machine()}-{os.cpu_count()}cpu-{torch.get_num_threads()}threads"
+    return cache_dir() / "costs" / f"{machine}-torch-{torch.__version__}.json"
+
+
+def current() -> CostModel:
+    """The tuned model of this machine if `spattn tune` measured it, else the default."""
+    return _read(_path())
+
+
+@lru_cache(maxsize=8)
+def _read(path: Path) -> CostModel:
+    try:
+        return CostModel(**{**json.loads(path.read_text()), "source": f"tuned ({path.name})"})
+    except (OSError, ValueError, TypeError):
+        return DEFAULT
+
+
+def _best(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def measure(repeats: int = 5, progress: Callable[[str], None] | None = None) -> CostModel:
+    """Time the figures on this machine (a few seconds): a call on a tiny problem with its merge,
+    a gather of strided rows, and the pairs of a large dense problem (per thread, as
+    `busiest_pairs` counts them)."""
+    from spattn.runtime.kernels import attend
+
+    say = progress or (lambda _: None)
+    say("a call")
+    tiny = torch.randn(1, 1, 16, 64)
+    o_acc, l_acc = torch.zeros(1, 1, 16, 64), torch.full((1, 1, 16), float("-inf"))
+
+    def one_call() -> None:
+        o, lse = attend(tiny, tiny, tiny, 0.125, False, None)
+        merged = torch.logaddexp(l_acc, lse)
+        weight = torch.exp(l_acc - merged).unsqueeze(-1)
+        o_acc * weight + o * torch.exp(lse - merged).unsqueeze(-1)
+
+    call = _best(one_call, repeats * 20)
+    say("a gather")
+    big = torch.randn(1, 1 << 16, 64)
+    rows = [big[:, s::4].unsqueeze(1) for s in range(4)]
+    gather = _best(lambda: torch.cat(rows, 1), repeats)
+    say("the pairs")
+    m = 1024
+    q = torch.randn(1, 4, m, 64)
+    pairs = _best(lambda: attend(q, q, q, 0.125, False, None), repeats) - call
+    busiest = busiest_pairs(4, m, m, False, torch.get_num_threads())
+    return CostModel(call_us=call * 1e6, copy_gbps=big.numel() * 4 / gather / 1e9,
+                     pair_ns=max(pairs, 0.0) * 1e9 / busiest, source="tuned")
+
+
+def tune(repeats: int = 5, progress: Callable[[str], None] | None = None) -> tuple[CostModel,
+                                                                                    Path]:
+    """Measure this machine and keep the figures for later processes."""
+    model = measure(repeats, progress)
+    path = _path()
+    fields = {k: v for k, v in asdict(model).items() if k != "source"}
+    write_atomically(path, json.dumps(fields, indent=1) + "\n")
+    _read.cache_clear()
+    return model, path

@@ -1,0 +1,124 @@
+"""The PyTorch backend's plan (runtime/batches.py, runtime/costs.py): every strategy the cost
+model can choose is exact against the float64 reference, forward and backward."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from reference import reference_attention
+from test_attention import _inputs, problems
+
+import spattn
+from spattn.patterns.geometry import resolve
+from spattn.runtime import costs, torch_backend
+from spattn.runtime.costs import CostModel, busiest_pairs
+
+# a model that stacks every group it can, and one that never stacks (each piece its own call)
+ALWAYS = CostModel(call_us=1e9, copy_gbps=1e9, pair_ns=1.0, source="always")
+NEVER = CostModel(call_us=0.0, copy_gbps=1e-9, pair_ns=1.0, source="never")
+
+
+def _problem(pattern, shape, force_math=False):
+    batch, heads, kv_heads, n, dim = shape
+    return torch_backend.Problem(resolve(pattern, n, heads), n, heads, kv_heads, pattern.causal,
+                                 pattern.overlap == "union", 1 / math.sqrt(dim), force_math)
+
+
+def _check(pattern, shape, model, monkeypatch, force_math=False):
+    monkeypatch.setattr(costs, "current", lambda: model)
+    q, k, v = _inputs(shape)
+    problem = _problem(pattern, shape, force_math)
+    out, lse = torch_backend.forward(q, k, v, problem)
+    want = reference_attention(q, k, v, pattern)
+    torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-10)
+    grad = torch.randn_like(out)
+    got = torch_backend.backward(grad, q, k, v, out, lse, problem)
+    for g, w in zip(got, torch.autograd.grad(want, (q, k, v), grad), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+    return torch_backend.plan(problem, shape[-1], model)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(problems(max_n=30))
+@pytest.mark.parametrize("model", [ALWAYS, NEVER], ids=["stack-all", "stack-none"])
+def test_every_plan_is_exact(model, monkeypatch, case):
+    pattern, shape = case
+    plan = _check(pattern, shape, model, monkeypatch, force_math=shape[0] == 2)
+    if model is NEVER:
+        assert all(len(b.pieces) == 1 or b.folded for b in plan)
+
+
+LONGNET = spattn.Pattern.model_validate({
+    "name": "longnet-small", "causal": True,
+    "branches": [{"segment": 16, "dilation": 1}, {"segment": 32, "dilation": 2},
+                 {"segment": 64, "dilation": 4}]})
+
+
+@pytest.mark.parametrize("model", [ALWAYS, NEVER], ids=["stack-all", "stack-none"])
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_strategies_on_a_dilated_schedule(model, kv_heads, monkeypatch):
+    """Head offsets differ per head: stacking gathers rows (a copy); the dense segments read the
+    same rows on every head: folded into one view when K has every head."""
+    plan = _check(LONGNET, (2, 4, kv_heads, 100, 8), model, monkeypatch)
+    strategies = {b.strategy for b in plan}
+    assert ("heads folded (view)" in strategies) == (kv_heads == 4)
+    assert ("stacked (gather)" in strategies) == (model is ALWAYS)
+    if model is NEVER:
+        assert "strided view" in strategies
+
+
+@pytest.mark.parametrize("pattern", [
+    {"name": "dense", "causal": True, "branches": [{"dense": {}}]},
+    {"name": "wide-window", "causal": False, "branches": [{"window": {"size": 500}}]}])
+def test_dense_calls_return_the_kernel_results_as_they_come(pattern, monkeypatch):
+    pattern = spattn.Pattern.model_validate(pattern)
+    problem = _problem(pattern, (2, 3, 3, 50, 8))
+    plan = _check(pattern, (2, 3, 3, 50, 8), costs.DEFAULT, monkeypatch)
+    assert torch_backend._dense(plan, problem) is not None
+
+
+def test_busiest_thread_counts():
+    # one thread does all the (rounded) work; two threads split a stack of problems evenly
+    one = busiest_pairs(1, 2048, 2048, True, 1)
+    assert one == sum(256 * min(2048, -(-(i + 1) * 256 // 512) * 512) for i in range(8))
+    assert busiest_pairs(1, 2048, 2048, False, 1) == 2048 * 2048
+    # a lone causal problem leaves one thread idle a third of the time; four stacked do not
+    assert busiest_pairs(1, 2048, 2048, True, 2) > 0.65 * one
+    assert busiest_pairs(4, 2048, 2048, True, 2) == 2 * one
+    # 100 rows are blocks of 32, 32, 32 and 4: three blocks a thread, the first thread the most
+    assert busiest_pairs(3, 100, 100, False, 4) == 3 * 32 * 100
+
+
+def test_model_stacks_lone_causal_problems_not_balanced_ones():
+    from spattn.runtime.pieces import Piece
+    from spattn.runtime.rows import Rows
+
+    model = CostModel(call_us=0.0, copy_gbps=5.0, pair_ns=5.0)
+    lone = [Piece(h, Rows(h, 2048, 4), Rows(h, 2048, 4), causal=True) for h in range(4)]
+    assert model.stack(lone, 64)  # threads evened out: worth the copy
+    many = [Piece(h, Rows(h, 64, 4, 64, 256), Rows(h, 64, 4, 64, 256)) for h in range(4)]
+    assert not model.stack(many, 64)  # already balanced, tiny problems: the copy costs more
+    assert CostModel(call_us=1e6, copy_gbps=5.0, pair_ns=5.0).stack(many, 64)  # calls dear
+
+
+def test_tune_keeps_the_figures_for_later_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPATTN_CACHE_DIR", str(tmp_path))
+    assert costs.current() == costs.DEFAULT
+    measured = CostModel(call_us=50.0, copy_gbps=3.0, pair_ns=2.0, source="tuned")
+    monkeypatch.setattr(costs, "measure", lambda repeats=5, progress=None: measured)
+    model, path = costs.tune()
+    assert path.parent == tmp_path / "costs" and json.loads(path.read_text())["call_us"] == 50.0
+    assert costs.current().call_us == 50.0 and costs.current().source.startswith("tuned")
+    path.write_text("not json")  # a damaged file is ignored, never fatal
+    costs._read.cache_clear()
+    assert costs.current() == costs.DEFAULT
+
+
+def test_measure_gives_positive_figures():
+    model = costs.measure(repeats=1)
+    assert model.call_us > 0 and model.copy_gbps > 0 and model.pair_ns > 0
