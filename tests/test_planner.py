@@ -122,3 +122,24 @@ def test_tune_keeps_the_figures_for_later_processes(tmp_path, monkeypatch):
 def test_measure_gives_positive_figures():
     model = costs.measure(repeats=1)
     assert model.call_us > 0 and model.copy_gbps > 0 and model.pair_ns > 0
+
+
+def test_cli_tune_inspect_plan_and_run_print_the_plan(tmp_path, monkeypatch, capsys):
+    from spattn.cli.main import main
+
+    monkeypatch.setenv("SPATTN_CACHE_DIR", str(tmp_path))
+    measured = CostModel(call_us=80.0, copy_gbps=4.0, pair_ns=3.0, source="tuned")
+    monkeypatch.setattr(costs, "measure", lambda repeats=5, progress=None: measured)
+    assert main(["tune", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "now   tuned: 80 us a call" in out and str(tmp_path / "costs") in out
+    assert main(["inspect", "longnet-lm", "-n", "8192", "--scale", "4", "--heads", "4",
+                 "--kv-heads", "2", "--no-hops", "--no-tiles", "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU plan for N=8,192 H=4 Hkv=2 D=64:" in out and "tuned (" in out
+    assert "stacked (gather)" in out or "strided view" in out
+    assert main(["inspect", "dense-causal", "-n", "64", "--heads", "4", "--kv-heads", "3",
+                 "--plan"]) == 2  # 3 does not divide 4: one line, exit 2
+    assert main(["run", "sliding-window", "-n", "300", "--repeat", "1", "--no-baseline",
+                 "--check-rows", "1"]) == 0
+    assert "  plan      1 calls for 4 pieces" in capsys.readouterr().out

@@ -57,6 +57,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="key rows of spattn's tiles (default 64)")
     parser.add_argument("--flex-block", type=positive, default=128, metavar="B",
                         help="tile side of the block-sparse kernel compared with (default 128)")
+    parser.add_argument("--plan", action="store_true",
+                        help="also print the calls the PyTorch backend (CPU) makes for this "
+                             "shape, as its cost model chooses them (`spattn tune` measures "
+                             "this machine)")
+    parser.add_argument("--kv-heads", type=positive, metavar="HKV",
+                        help="key/value heads for --plan (default: the pattern's, else H)")
     parser.add_argument("--png", metavar="FILE", help="draw the mask into a PNG file")
     parser.add_argument("--head", type=_head, default=0, metavar="H|all",
                         help="the head to draw, or 'all' for a grid of every head (default 0)")
@@ -85,6 +91,30 @@ def run(args: argparse.Namespace) -> int:
         which = "every head" if args.head is None else f"head {args.head}"
         wrote = f"wrote {args.png}: the mask of {which} over the first {drawn:,} tokens"
     print(format_report(report))
+    if args.plan:
+        print("\n" + "\n".join(_plan_lines(scale_pattern(pattern, args.scale), args)))
     if wrote:
         print(f"\n{wrote}")
     return 0
+
+
+def _plan_lines(pattern, args: argparse.Namespace) -> list[str]:
+    from spattn.patterns.geometry import resolve
+    from spattn.patterns.report import choose_heads
+    from spattn.runtime import torch_backend
+    from spattn.runtime.dispatch import resolve_scale
+
+    heads = choose_heads(pattern, args.heads)
+    kv_heads = args.kv_heads or pattern.kv_heads or heads
+    if heads % kv_heads:
+        from spattn.errors import SpattnError
+
+        raise SpattnError(f"--kv-heads: {kv_heads} does not divide the {heads} query heads")
+    dim = args.head_dim or pattern.head_dim or 64
+    n = args.seq_len
+    problem = torch_backend.Problem(resolve(pattern, n, heads), n, heads, kv_heads,
+                                    pattern.causal, pattern.overlap == "union",
+                                    resolve_scale(pattern, None, dim))
+    lines = torch_backend.describe(problem, dim)
+    return [f"CPU plan for N={n:,} H={heads} Hkv={kv_heads} D={dim}: {lines[0]}",
+            *lines[1:]]

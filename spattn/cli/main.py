@@ -8,10 +8,18 @@ import sys
 from collections.abc import Sequence
 
 from spattn import __version__
-from spattn.cli import check_cmd, compile_cmd, inspect_cmd, list_cmd, plan_cmd, run_cmd
+from spattn.cli import (
+    check_cmd,
+    compile_cmd,
+    inspect_cmd,
+    list_cmd,
+    plan_cmd,
+    run_cmd,
+    tune_cmd,
+)
 from spattn.errors import SpattnError
 
-COMMANDS = (list_cmd, inspect_cmd, compile_cmd, plan_cmd, run_cmd, check_cmd)
+COMMANDS = (list_cmd, inspect_cmd, compile_cmd, plan_cmd, run_cmd, check_cmd, tune_cmd)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -154,6 +154,15 @@ def run(args: argparse.Namespace) -> int:
 
     scale = resolve_scale(pattern, None, dim)
     out = attention(q, k, v, pattern, backend=args.backend)  # checks the call; the warm-up
+    if args.backend in (None, "torch"):  # on CPU the PyTorch backend runs it: its plan
+        from spattn.runtime import torch_backend
+
+        problem = torch_backend.Problem(branches, n, heads, kv_heads, pattern.causal,
+                                        pattern.overlap == "union", scale)
+        first, *calls = torch_backend.describe(problem, dim)
+        print(f"  plan      {first}")
+        for line in calls:
+            print(f"            {line}")
 
     def spattn_call() -> torch.Tensor:
         result = attention(q, k, v, pattern, backend=args.backend)

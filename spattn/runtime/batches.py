@@ -97,9 +97,10 @@ def plan_batches(pieces: tuple[Piece, ...], heads: int, kv_heads: int, seq_len: 
     for group in order:
         folded = len(group) == heads and heads == kv_heads and _same(group)
         p = group[0]
-        one = model.call(p.q.nseg, p.q.count, p.k.count, p.causal, head_dim)  # one piece alone
+        shape = (p.q.count, p.k.count, p.causal, head_dim, p.mask is not None)
+        one = model.call(p.q.nseg, *shape)  # one piece alone
         if folded:
-            cost = model.call(p.q.nseg * heads, p.q.count, p.k.count, p.causal, head_dim)
+            cost = model.call(p.q.nseg * heads, *shape)
             batches.append(Batch(tuple(group), True, "every head reads the same rows: no copy",
                                  cost))
         elif len(group) == 1:

@@ -67,19 +67,25 @@ class CostModel:
     call_us: float  # fixed cost of one attention call with its merge
     copy_gbps: float  # gathering rows into a stacked batch (GB/s)
     pair_ns: float  # one (query, key) pair at head dim 64, on one thread
+    mask_ns: float = 0.0  # more per pair when a mask is added to the scores
+    block_us: float = 0.0  # one query block of one problem, beyond its pairs
     source: str = "default"
 
-    def call(self, problems: int, mq: int, mk: int, causal: bool, head_dim: int) -> float:
+    def call(self, problems: int, mq: int, mk: int, causal: bool, head_dim: int,
+             masked: bool = False) -> float:
         """Predicted microseconds of one fused call."""
-        pairs = busiest_pairs(problems, mq, mk, causal, torch.get_num_threads())
-        return self.call_us + pairs * self.pair_ns * head_dim / 64 / 1e3
+        threads = torch.get_num_threads()
+        pairs = busiest_pairs(problems, mq, mk, causal, threads)
+        blocks = -(-problems * -(-mq // _q_split(mq)) // threads)  # the busiest thread's
+        per_pair = self.pair_ns * head_dim / 64 + (self.mask_ns if masked else 0.0)
+        return self.call_us + pairs * per_pair / 1e3 + blocks * self.block_us
 
     def compare(self, pieces: Sequence, head_dim: int, item_bytes: int = 4
                 ) -> tuple[float, float]:
         """Predicted microseconds of the same-shape pieces run one call each, and stacked into
         one call (the rows of q, k and v of every piece copied first)."""
         p = pieces[0]
-        args = (p.q.count, p.k.count, p.causal, head_dim)
+        args = (p.q.count, p.k.count, p.causal, head_dim, p.mask is not None)
         separate = len(pieces) * self.call(p.q.nseg, *args)
         rows = sum(x.q.count * x.q.nseg + 2 * x.k.count * x.k.nseg for x in pieces)
         copy_us = rows * head_dim * item_bytes / (self.copy_gbps * 1e3)
@@ -95,10 +101,12 @@ class CostModel:
 
     def describe(self) -> str:
         return (f"{self.source}: {self.call_us:.0f} us a call, {self.copy_gbps:.1f} GB/s "
-                f"gathered, {self.pair_ns:.2f} ns a pair a thread (D=64)")
+                f"gathered, {self.pair_ns:.2f} ns a pair a thread (D=64), "
+                f"{self.mask_ns:.2f} ns more masked, {self.block_us:.1f} us a query block")
 
 
-DEFAULT = CostModel(call_us=120.0, copy_gbps=6.0, pair_ns=10.0)
+DEFAULT = CostModel(call_us=120.0, copy_gbps=6.0, pair_ns=10.0, mask_ns=1.0,
+                   block_us=6.0)
 
 
 def _path() -> Path:
@@ -132,8 +140,8 @@ def _best(fn: Callable[[], object], repeats: int) -> float:
 def measure(repeats: int = 5, progress: Callable[[str], None] | None = None) -> CostModel:
     """Time the figures on this machine (a few seconds): a call on a tiny problem with its merge,
     a gather of strided rows, and the pairs of a large dense problem (per thread, as
-    `busiest_pairs` counts them)."""
-    from spattn.runtime.kernels import attend
+    `busiest_pairs` counts them), without and with a mask."""
+    from spattn.runtime.kernels import Mask, attend
 
     say = progress or (lambda _: None)
     say("a call")
@@ -155,9 +163,20 @@ def measure(repeats: int = 5, progress: Callable[[str], None] | None = None) -> 
     m = 1024
     q = torch.randn(1, 4, m, 64)
     pairs = _best(lambda: attend(q, q, q, 0.125, False, None), repeats) - call
+    say("a mask")
+    mask = Mask.of(torch.rand(1, m, m) < 0.5, q.dtype)
+    masked = _best(lambda: attend(q, q, q, 0.125, False, mask), repeats) - call
     busiest = busiest_pairs(4, m, m, False, torch.get_num_threads())
+    pair_ns = max(pairs, 0.0) * 1e9 / busiest
+    say("small problems")
+    small = torch.randn(1, 512, 32, 64)  # 512 problems of one 32-row block against 32 keys
+    many = _best(lambda: attend(small, small, small, 0.125, False, None), repeats) - call
+    threads = torch.get_num_threads()
+    pairs_small = busiest_pairs(512, 32, 32, False, threads) * pair_ns / 1e9
     return CostModel(call_us=call * 1e6, copy_gbps=big.numel() * 4 / gather / 1e9,
-                     pair_ns=max(pairs, 0.0) * 1e9 / busiest, source="tuned")
+                     pair_ns=pair_ns, mask_ns=max(masked - pairs, 0.0) * 1e9 / busiest,
+                     block_us=max(many - pairs_small, 0.0) * 1e6 / -(-512 // threads),
+                     source="tuned")
 
 
 def tune(repeats: int = 5, progress: Callable[[str], None] | None = None) -> tuple[CostModel,

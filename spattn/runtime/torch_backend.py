@@ -17,12 +17,12 @@ import torch
 
 from spattn.patterns.geometry import Geometry, Window
 from spattn.runtime import costs
-from spattn.runtime.batches import Batch, plan_batches
+from spattn.runtime.batches import Batch, describe_plan, plan_batches
 from spattn.runtime.kernels import Mask, attend, attend_backward, unit_stride_rows
 from spattn.runtime.pieces import plan_pieces
 from spattn.runtime.rows import Rows
 
-WINDOW_DIVISORS = (8, 4, 2)  # window chunks of W/8, W/4 or W/2 queries, as the model prefers
+WINDOW_DIVISORS = (8, 4, 2, 1)  # window chunks of W/8 .. W queries, as the model prefers
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Problem:
 @lru_cache(maxsize=64)
 def plan(problem: Problem, head_dim: int, model: costs.CostModel) -> tuple[Batch, ...]:
     """The batches of a call shape, built once per (problem, head dim, cost model). Windows are
-    cut in chunks of W/8, W/4 or W/2 queries, whichever the model predicts fastest."""
+    cut in chunks of W/8, W/4, W/2 or W queries, whichever the model predicts fastest."""
     windows = any(isinstance(g, Window) for g in problem.branches)
     plans = []
     for divisor in WINDOW_DIVISORS if windows else WINDOW_DIVISORS[:1]:
@@ -54,6 +54,12 @@ def plan(problem: Problem, head_dim: int, model: costs.CostModel) -> tuple[Batch
         plans.append(plan_batches(pieces, problem.heads, problem.kv_heads, problem.seq_len,
                                   head_dim, model))
     return min(plans, key=lambda batches: sum(b.cost_us for b in batches))
+
+
+def describe(problem: Problem, head_dim: int) -> list[str]:
+    """The plan this machine's cost model chooses for a call shape, a line per kind of call."""
+    model = costs.current()
+    return describe_plan(plan(problem, head_dim, model), model)
 
 
 def _plan(problem: Problem, head_dim: int) -> tuple[Batch, ...]:

@@ -1,0 +1,218 @@
+"""Every built-in pattern against the other ways of computing it on this CPU, side by side.
+
+    python benchmarks/bench_cpu_peers.py [--seq-lens 1024 4096 16384 65536] [--cases NAME ...]
+                                         [--passes fwd fwd+bwd] [--repeats 3] [--budget-s 20]
+
+Cases: every built-in at full size, and the long-segment ones scaled to short contexts (every
+segment and window divided by 8 or 16, as `spattn inspect --scale` does). Methods, in one process
+and interleaved call by call (best of --repeats after a warm-up), fp32, B=1, H=4, D=64:
+
+- spattn: `spattn.attention` (the PyTorch backend and its planned calls);
+- dense SDPA: `scaled_dot_product_attention` with `is_causal`, the pattern's causality;
+- gather: gather + SDPA + scatter, LongNet's own method (dilated and dense branches only);
+- flex: FlexAttention compiled for the CPU with spattn's exported mask (N <= 16K; the mask is
+  built over every (query, key) pair).
+
+`same` says whether a peer computes this pattern: its forward output matches spattn's to 1e-4.
+A peer that does not (dense SDPA on a sparse pattern; FlexAttention or a union of branches where
+the pattern counts overlapping pairs twice) is timed for reference only. Peers whose dense work
+would pass --budget-s per call are skipped. Writes benchmarks/results/cpu_peers.csv (appended
+cell by cell, so an interrupted run keeps what it finished) and cpu_peers.png, and prints a
+summary last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import spattn
+from spattn.patterns.counting import count_pairs, useful_flops
+from spattn.patterns.geometry import Dense, Dilated, resolve
+from spattn.patterns.loader import builtin_names
+from spattn.patterns.report import scale_pattern
+
+sys.path.insert(0, str(Path(__file__).parent))
+import peers  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+CSV = RESULTS / "cpu_peers.csv"
+B, H, D = 1, 4, 64
+DENSE_GFLOPS = 40.0  # this machine's dense SDPA rate, for skipping calls past the budget
+FLEX_MAX_N = 16384
+SCALED = {"longnet-lm": 16, "longnet-geometric": 16, "longvit": 16, "sliding-window": 8,
+          "sink-window": 8}
+FIELDS = ["case", "seq_len", "pass", "method", "ms", "spattn_over_method", "same",
+          "useful_gflops"]
+
+
+def cases() -> dict[str, spattn.Pattern]:
+    out = {}
+    for name in builtin_names():
+        out[name] = spattn.load_pattern(name)
+        if name in SCALED:
+            scaled = scale_pattern(out[name], SCALED[name])
+            out[f"{name}/{SCALED[name]}"] = scaled.model_copy(update={"name": scaled.name})
+    return out
+
+
+def _dilated_only(pattern: spattn.Pattern, n: int) -> bool:
+    return all(isinstance(g, Dilated | Dense) for g in resolve(pattern, n, H))
+
+
+def methods(pattern: spattn.Pattern, n: int, backward: bool, budget_s: float
+            ) -> dict[str, Callable | str]:
+    """The callables to time, or the reason a peer is left out."""
+    dense_flops = useful_flops(H * (n * (n + 1) // 2 if pattern.causal else n * n), D, B)
+    work = 3.5 if backward else 1.0
+    found: dict[str, Callable | str] = {"spattn": peers.spattn_attention(pattern, "torch")}
+    if dense_flops * work / (DENSE_GFLOPS * 1e9) > budget_s:
+        found["dense SDPA"] = f"past the {budget_s:.0f} s budget"
+    else:
+        found["dense SDPA"] = peers.dense_sdpa(pattern.causal)
+    found["gather"] = (peers.gather_sdpa_scatter(pattern) if _dilated_only(pattern, n)
+                       else "not dilated")
+    if n > FLEX_MAX_N:
+        found["flex"] = f"N > {FLEX_MAX_N}"
+    else:
+        found["flex"] = peers.flex(pattern, n, H, torch.device("cpu"))
+    return found
+
+
+def _call(fn: Callable, q, k, v, grad, backward: bool) -> torch.Tensor:
+    out = fn(q, k, v)
+    if backward:
+        for t in (q, k, v):
+            t.grad = None
+        out.backward(grad)
+    return out
+
+
+def measure(case: str, pattern: spattn.Pattern, n: int, backward: bool, repeats: int,
+            budget_s: float) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, n, D, generator=gen).requires_grad_(backward) for _ in range(3))
+    grad = torch.randn(B, H, n, D, generator=gen)
+    found = methods(pattern, n, backward, budget_s)
+    timed = {name: fn for name, fn in found.items() if callable(fn)}
+    outputs = {}
+    for name, fn in list(timed.items()):  # warm-up (compiles), and the outputs compared
+        try:
+            outputs[name] = _call(fn, q, k, v, grad, backward).detach()
+        except Exception as error:  # a peer that cannot run this case: say why, go on
+            found[name] = f"failed: {type(error).__name__}"
+            del timed[name]
+    times: dict[str, list[float]] = {name: [] for name in timed}
+    for _ in range(repeats):
+        for name, fn in timed.items():
+            start = time.perf_counter()
+            _call(fn, q, k, v, grad, backward)
+            times[name].append(time.perf_counter() - start)
+    flops = useful_flops(count_pairs(pattern, n, H).total, D, B) * (3.5 if backward else 1.0)
+    best = {name: min(t) * 1e3 for name, t in times.items()}
+    rows = []
+    for name, fn in found.items():
+        if name not in best:
+            rows.append(dict(case=case, seq_len=n, method=name, ms="", spattn_over_method="",
+                             same=fn, useful_gflops=""))
+            continue
+        same = bool((outputs[name] - outputs["spattn"]).abs().max() < 1e-4)
+        rows.append(dict(case=case, seq_len=n, method=name, ms=f"{best[name]:.1f}",
+                         spattn_over_method=f"{best['spattn'] / best[name]:.3f}",
+                         same="yes" if same else "no",
+                         useful_gflops=f"{flops / best[name] / 1e6:.1f}"))
+    return [{**row, "pass": "fwd+bwd" if backward else "fwd"} for row in rows]
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, what in zip(axes, ("fwd", "fwd+bwd"), strict=True):
+        for case in dict.fromkeys(r["case"] for r in rows):
+            best = {}
+            for r in rows:  # per N: spattn over the fastest peer that computes the same thing
+                if r["case"] == case and r["pass"] == what and r["same"] == "yes" \
+                        and r["method"] != "spattn":
+                    n = int(r["seq_len"])
+                    best[n] = max(best.get(n, 0.0), float(r["spattn_over_method"]))
+            if best:
+                ns = sorted(best)
+                ax.plot(ns, [best[n] for n in ns], marker="o", label=case)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length N")
+        ax.set_title(f"{what}: spattn time / fastest exact peer (below 1: spattn faster)")
+    axes[0].set_ylabel("time ratio")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"spattn vs peers on CPU ({platform.machine()}, {torch.get_num_threads()} "
+                 f"threads, fp32, B={B} H={H} D={D})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    parser.add_argument("--cases", nargs="+", help="case names (default: all)")
+    parser.add_argument("--passes", nargs="+", choices=["fwd", "fwd+bwd"],
+                        default=["fwd", "fwd+bwd"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--budget-s", type=float, default=20.0,
+                        help="skip a peer whose dense work would take longer per call")
+    parser.add_argument("--fresh", action="store_true", help="start a new CSV")
+    args = parser.parse_args()
+    all_cases = cases()
+    chosen = args.cases or list(all_cases)
+    unknown = [c for c in chosen if c not in all_cases]
+    if unknown:
+        parser.error(f"unknown cases {unknown}; known: {', '.join(all_cases)}")
+    RESULTS.mkdir(exist_ok=True)
+    done = set()
+    if CSV.exists() and not args.fresh:
+        with open(CSV, newline="") as f:
+            done = {(r["case"], r["seq_len"], r["pass"]) for r in csv.DictReader(
+                line for line in f if not line.startswith("#"))}
+    else:
+        with open(CSV, "w", newline="") as f:
+            f.write(f"# {platform.machine()}, {torch.get_num_threads()} threads, torch "
+                    f"{torch.__version__}, spattn {spattn.__version__}, B={B} H={H} D={D} "
+                    f"float32; best of {args.repeats} after a warm-up, interleaved\n")
+            csv.DictWriter(f, FIELDS).writeheader()
+    for case in chosen:
+        for n in args.seq_lens:
+            for what in args.passes:
+                if (case, str(n), what) in done:
+                    continue
+                begin = time.perf_counter()
+                rows = measure(case, all_cases[case], n, what == "fwd+bwd", args.repeats,
+                               args.budget_s)
+                with open(CSV, "a", newline="") as f:
+                    csv.DictWriter(f, FIELDS).writerows(rows)
+                summary = ", ".join(f"{r['method']} {r['ms'] or r['same']}" for r in rows)
+                print(f"{case} N={n} {what}: {summary} ({time.perf_counter() - begin:.0f} s)",
+                      flush=True)
+    with open(CSV, newline="") as f:
+        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    plot(rows, RESULTS / "cpu_peers.png")
+    print("\nspattn time / peer time where the peer computes the same thing (<= 1: spattn as "
+          "fast or faster):")
+    for r in rows:
+        if r["method"] != "spattn" and r["same"] == "yes":
+            flag = "" if float(r["spattn_over_method"]) <= 1.0 else "  <-- peer faster"
+            print(f"  {r['case']:<28} N={int(r['seq_len']):>6} {r['pass']:<8} vs "
+                  f"{r['method']:<11} {float(r['spattn_over_method']):.2f}{flag}")
+
+
+if __name__ == "__main__":
+    main()
