@@ -1,6 +1,7 @@
 """`longnet-lm` on this CPU against dense causal SDPA, side by side in one run.
 
     python benchmarks/bench_cpu_longnet.py [--seq-lens 4096 16384 65536] [--repeats 3]
+    python benchmarks/bench_cpu_longnet.py --scale --heads 1 --seq-lens 16384 65536 262144 1048576
 
 Each (method, N) runs in a fresh subprocess, so its peak memory (growth of the peak resident set
 over the inputs) is its own. Times are medians after one warm-up run. Useful TFLOP/s counts only
@@ -36,10 +37,10 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def measure(method: str, n: int, repeats: int, backward: bool) -> dict:
+def measure(method: str, n: int, repeats: int, backward: bool, heads: int = H) -> dict:
     """One (method, N) cell; run in its own process by `main`."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(B, H, n, D, requires_grad=backward) for _ in range(3))
+    q, k, v = (torch.randn(B, heads, n, D, requires_grad=backward) for _ in range(3))
     pattern = spattn.load_pattern(PATTERN)
 
     def step() -> None:
@@ -61,8 +62,9 @@ def measure(method: str, n: int, repeats: int, backward: bool) -> dict:
     return {"seconds": statistics.median(times), "peak_mb": peak}
 
 
-def _run_cell(method: str, n: int, repeats: int, backward: bool) -> dict:
-    cmd = [sys.executable, __file__, "--cell", method, str(n), str(repeats), str(int(backward))]
+def _run_cell(method: str, n: int, repeats: int, backward: bool, heads: int) -> dict:
+    cmd = [sys.executable, __file__, "--cell", method, str(n), str(repeats), str(int(backward)),
+           str(heads)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -72,51 +74,87 @@ def main() -> None:
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backward", action="store_true", help="time forward + backward")
-    parser.add_argument("--cell", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--heads", type=int, default=H)
+    parser.add_argument("--methods", nargs="+", choices=["spattn", "dense"],
+                        default=["spattn", "dense"])
+    parser.add_argument("--scale", action="store_true",
+                        help="the scale run: time per token and peak memory against N, written "
+                             "to cpu_longnet_scale.csv and .png (spattn only)")
+    parser.add_argument("--cell", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cell:
-        method, n, repeats, backward = args.cell
-        print(json.dumps(measure(method, int(n), int(repeats), bool(int(backward)))))
+        method, n, repeats, backward, heads = args.cell
+        print(json.dumps(measure(method, int(n), int(repeats), bool(int(backward)), int(heads))))
         return
+    if args.scale:
+        args.methods = ["spattn"]
 
     pattern = spattn.load_pattern(PATTERN)
     factor = 3.5 if args.backward else 1.0  # a backward pass counts 2.5x the forward
     rows = []
     for n in args.seq_lens:
-        pairs = {"spattn": count_pairs(pattern, n, H).total, "dense": dense_pairs(n, H, True)}
+        heads = args.heads
+        pairs = {"spattn": count_pairs(pattern, n, heads).total,
+                 "dense": dense_pairs(n, heads, True)}
         cells = {}
-        for method in ("spattn", "dense"):
+        for method in args.methods:
             print(f"N={n:>6} {method:>6} ...", end="", flush=True, file=sys.stderr)
-            cells[method] = _run_cell(method, n, args.repeats, args.backward)
+            cells[method] = _run_cell(method, n, args.repeats, args.backward, heads)
             print(f" {cells[method]['seconds'] * 1e3:.0f} ms", file=sys.stderr)
         for method, cell in cells.items():
             flops = factor * useful_flops(pairs[method], D, B)
             rows.append({
                 "pattern": PATTERN, "method": method, "seq_len": n, "pass": "fwd+bwd"
                 if args.backward else "fwd", "ms": round(cell["seconds"] * 1e3, 1),
+                "us_per_token": round(cell["seconds"] * 1e6 / n, 2),
                 "useful_tflops": round(flops / cell["seconds"] / 1e12, 4),
                 "peak_mb": round(cell["peak_mb"], 1),
                 "density": round(pairs["spattn"] / pairs["dense"], 4),
-                "speedup_vs_dense": round(cells["dense"]["seconds"] / cells["spattn"]["seconds"], 2)
-                if method == "spattn" else 1.0,
+                "speedup_vs_dense": round(cells["dense"]["seconds"] / cell["seconds"], 2)
+                if "dense" in cells else "",
             })
 
     RESULTS.mkdir(exist_ok=True)
-    name = "cpu_longnet_fwd_bwd.csv" if args.backward else "cpu_longnet.csv"
+    name = "cpu_longnet_scale.csv" if args.scale else \
+        "cpu_longnet_fwd_bwd.csv" if args.backward else "cpu_longnet.csv"
     with open(RESULTS / name, "w", newline="") as f:
         cpu = platform.processor() or platform.machine()
         f.write(f"# {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__},"
-                f" spattn {spattn.__version__}, B={B} H={H} D={D}"
+                f" spattn {spattn.__version__}, B={B} H={args.heads} D={D}"
                 f" float32 causal\n")
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    header = f"{'N':>7} {'method':>7} {'ms':>9} {'TFLOP/s':>8} {'peak MB':>8} {'speed-up':>8}"
-    print(header)
+    if args.scale:
+        _plot_scale(rows, RESULTS / "cpu_longnet_scale.png", args.heads)
+    print(f"{'N':>8} {'method':>7} {'ms':>10} {'us/token':>9} {'TFLOP/s':>8} {'peak MB':>8} "
+          f"{'speed-up':>8}")
     for r in rows:
-        print(f"{r['seq_len']:>7} {r['method']:>7} {r['ms']:>9.1f} {r['useful_tflops']:>8.3f} "
-              f"{r['peak_mb']:>8.1f} {r['speedup_vs_dense']:>7.2f}x")
+        speedup = f"{r['speedup_vs_dense']:.2f}x" if r["speedup_vs_dense"] != "" else "-"
+        print(f"{r['seq_len']:>8} {r['method']:>7} {r['ms']:>10.1f} {r['us_per_token']:>9.2f} "
+              f"{r['useful_tflops']:>8.3f} {r['peak_mb']:>8.1f} {speedup:>8}")
     print(f"wrote {RESULTS / name}")
+
+
+def _plot_scale(rows: list[dict], path: Path, heads: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = [r["seq_len"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(ns, [r["us_per_token"] for r in rows], marker="o")
+    left.set_ylim(bottom=0)
+    left.set_ylabel("microseconds per token")
+    right.plot(ns, [r["peak_mb"] for r in rows], marker="o")
+    right.set_ylabel("peak resident memory growth (MB)")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length N")
+    fig.suptitle(f"{PATTERN} forward on CPU, one process, H={heads} D={D} float32")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-CSV = RESULTS / "cpu_peers.csv"
+PEERS = ("dense SDPA", "gather", "flex")
 B, H, D = 1, 4, 64
 DENSE_GFLOPS = 40.0  # this machine's dense SDPA rate, for skipping calls past the budget
 FLEX_MAX_N = 16384
@@ -67,8 +67,8 @@ def _dilated_only(pattern: spattn.Pattern, n: int) -> bool:
     return all(isinstance(g, Dilated | Dense) for g in resolve(pattern, n, H))
 
 
-def methods(pattern: spattn.Pattern, n: int, backward: bool, budget_s: float
-            ) -> dict[str, Callable | str]:
+def methods(pattern: spattn.Pattern, n: int, backward: bool, budget_s: float,
+            chosen: tuple[str, ...] = PEERS) -> dict[str, Callable | str]:
     """The callables to time, or the reason a peer is left out."""
     dense_flops = useful_flops(H * (n * (n + 1) // 2 if pattern.causal else n * n), D, B)
     work = 3.5 if backward else 1.0
@@ -81,9 +81,9 @@ def methods(pattern: spattn.Pattern, n: int, backward: bool, budget_s: float
                        else "not dilated")
     if n > FLEX_MAX_N:
         found["flex"] = f"N > {FLEX_MAX_N}"
-    else:
+    elif "flex" in chosen:
         found["flex"] = peers.flex(pattern, n, H, torch.device("cpu"))
-    return found
+    return {name: fn for name, fn in found.items() if name == "spattn" or name in chosen}
 
 
 def _call(fn: Callable, q, k, v, grad, backward: bool) -> torch.Tensor:
@@ -96,11 +96,11 @@ def _call(fn: Callable, q, k, v, grad, backward: bool) -> torch.Tensor:
 
 
 def measure(case: str, pattern: spattn.Pattern, n: int, backward: bool, repeats: int,
-            budget_s: float) -> list[dict]:
+            budget_s: float, chosen: tuple[str, ...] = PEERS) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, n, D, generator=gen).requires_grad_(backward) for _ in range(3))
     grad = torch.randn(B, H, n, D, generator=gen)
-    found = methods(pattern, n, backward, budget_s)
+    found = methods(pattern, n, backward, budget_s, chosen)
     timed = {name: fn for name, fn in found.items() if callable(fn)}
     outputs = {}
     for name, fn in list(timed.items()):  # warm-up (compiles), and the outputs compared
@@ -170,21 +170,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=20.0,
                         help="skip a peer whose dense work would take longer per call")
+    parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
     parser.add_argument("--fresh", action="store_true", help="start a new CSV")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the CSV and plot")
     args = parser.parse_args()
+    results = args.results
+    csv_path = results / "cpu_peers.csv"
     all_cases = cases()
     chosen = args.cases or list(all_cases)
     unknown = [c for c in chosen if c not in all_cases]
     if unknown:
         parser.error(f"unknown cases {unknown}; known: {', '.join(all_cases)}")
-    RESULTS.mkdir(exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
     done = set()
-    if CSV.exists() and not args.fresh:
-        with open(CSV, newline="") as f:
+    if csv_path.exists() and not args.fresh:
+        with open(csv_path, newline="") as f:
             done = {(r["case"], r["seq_len"], r["pass"]) for r in csv.DictReader(
                 line for line in f if not line.startswith("#"))}
     else:
-        with open(CSV, "w", newline="") as f:
+        with open(csv_path, "w", newline="") as f:
             f.write(f"# {platform.machine()}, {torch.get_num_threads()} threads, torch "
                     f"{torch.__version__}, spattn {spattn.__version__}, B={B} H={H} D={D} "
                     f"float32; best of {args.repeats} after a warm-up, interleaved\n")
@@ -196,15 +200,15 @@ def main() -> None:
                     continue
                 begin = time.perf_counter()
                 rows = measure(case, all_cases[case], n, what == "fwd+bwd", args.repeats,
-                               args.budget_s)
-                with open(CSV, "a", newline="") as f:
+                               args.budget_s, tuple(args.peers))
+                with open(csv_path, "a", newline="") as f:
                     csv.DictWriter(f, FIELDS).writerows(rows)
                 summary = ", ".join(f"{r['method']} {r['ms'] or r['same']}" for r in rows)
                 print(f"{case} N={n} {what}: {summary} ({time.perf_counter() - begin:.0f} s)",
                       flush=True)
-    with open(CSV, newline="") as f:
+    with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
-    plot(rows, RESULTS / "cpu_peers.png")
+    plot(rows, results / "cpu_peers.png")
     print("\nspattn time / peer time where the peer computes the same thing (<= 1: spattn as "
           "fast or faster):")
     for r in rows:
