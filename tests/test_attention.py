@@ -170,11 +170,16 @@ def test_builtins_match_reference(name, scale):
 @example((_dilated(6, 2, True), (1, 2, 1, 11, 4)))
 def test_matmul_fallback_matches_reference(case):
     """The chunked matmul path (used off CPU) meets the same contract as the fused kernel."""
-    pattern, (batch, heads, kv_heads, n, dim) = case
-    q, k, v = _inputs((batch, heads, kv_heads, n, dim))
+    check_backend(*case, force_math=True)
+
+
+def check_backend(pattern, shape, force_math=False) -> torch_backend.Problem:
+    """torch_backend.forward and .backward in float64 against the reference and its autograd."""
+    batch, heads, kv_heads, n, dim = shape
+    q, k, v = _inputs(shape)
     problem = torch_backend.Problem(resolve(pattern, n, heads), n, heads, kv_heads,
                                     pattern.causal, pattern.overlap == "union",
-                                    1 / math.sqrt(dim), force_math=True)
+                                    1 / math.sqrt(dim), force_math=force_math)
     out, lse = torch_backend.forward(q, k, v, problem)
     ref = reference_attention(q, k, v, pattern)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
@@ -182,6 +187,7 @@ def test_matmul_fallback_matches_reference(case):
     got = torch_backend.backward(grad, q, k, v, out, lse, problem)
     for g, w in zip(got, torch.autograd.grad(ref, (q, k, v), grad), strict=True):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+    return problem
 
 
 LONGNET_SMALL = spattn.Pattern.model_validate({

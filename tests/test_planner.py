@@ -7,10 +7,8 @@ import json
 import math
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
-from reference import reference_attention
-from test_attention import _inputs, problems
+from test_attention import check_backend, problems
 
 import spattn
 from spattn.patterns.geometry import resolve
@@ -22,23 +20,16 @@ ALWAYS = CostModel(call_us=1e9, copy_gbps=1e9, pair_ns=1.0, source="always")
 NEVER = CostModel(call_us=0.0, copy_gbps=1e-9, pair_ns=1.0, source="never")
 
 
-def _problem(pattern, shape, force_math=False):
+def _problem(pattern, shape):
     batch, heads, kv_heads, n, dim = shape
     return torch_backend.Problem(resolve(pattern, n, heads), n, heads, kv_heads, pattern.causal,
-                                 pattern.overlap == "union", 1 / math.sqrt(dim), force_math)
+                                 pattern.overlap == "union", 1 / math.sqrt(dim))
 
 
 def _check(pattern, shape, model, monkeypatch, force_math=False):
+    """Exact under `model`'s plan; returns that plan."""
     monkeypatch.setattr(costs, "current", lambda: model)
-    q, k, v = _inputs(shape)
-    problem = _problem(pattern, shape, force_math)
-    out, lse = torch_backend.forward(q, k, v, problem)
-    want = reference_attention(q, k, v, pattern)
-    torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-10)
-    grad = torch.randn_like(out)
-    got = torch_backend.backward(grad, q, k, v, out, lse, problem)
-    for g, w in zip(got, torch.autograd.grad(want, (q, k, v), grad), strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+    problem = check_backend(pattern, shape, force_math)
     return torch_backend.plan(problem, shape[-1], model)
 
 
