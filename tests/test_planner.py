@@ -15,9 +15,11 @@ from spattn.patterns.geometry import resolve
 from spattn.runtime import costs, torch_backend
 from spattn.runtime.costs import CostModel, busiest_pairs
 
-# a model that stacks every group it can, and one that never stacks (each piece its own call)
+# a model that stacks every group it can, and one that never stacks (each piece its own call);
+# with DENSE allowed, ALWAYS also turns every short call into one dense masked call
 ALWAYS = CostModel(call_us=1e9, copy_gbps=1e9, pair_ns=1.0, source="always")
 NEVER = CostModel(call_us=0.0, copy_gbps=1e-9, pair_ns=1.0, source="never")
+MODELS = {"stack-all": (ALWAYS, False), "stack-none": (NEVER, False), "dense": (ALWAYS, True)}
 
 
 def _problem(pattern, shape):
@@ -26,22 +28,33 @@ def _problem(pattern, shape):
                                  pattern.overlap == "union", 1 / math.sqrt(dim))
 
 
-def _check(pattern, shape, model, monkeypatch, force_math=False):
-    """Exact under `model`'s plan; returns that plan."""
+def _check(pattern, shape, model, monkeypatch, force_math=False, dense=False):
+    """Exact under `model`'s plan (dense masked calls allowed or not); returns that plan."""
     monkeypatch.setattr(costs, "current", lambda: model)
+    if not dense:
+        monkeypatch.setattr(torch_backend, "DENSE_MASK_LIMIT", 0)
     problem = check_backend(pattern, shape, force_math)
-    return torch_backend.plan(problem, shape[-1], model)
+    return torch_backend.plan(problem, shape[-1], model, not force_math)
 
 
 @settings(max_examples=60, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(problems(max_n=30))
-@pytest.mark.parametrize("model", [ALWAYS, NEVER], ids=["stack-all", "stack-none"])
-def test_every_plan_is_exact(model, monkeypatch, case):
+@pytest.mark.parametrize("which", MODELS)
+def test_every_plan_is_exact(which, monkeypatch, case):
     pattern, shape = case
-    plan = _check(pattern, shape, model, monkeypatch, force_math=shape[0] == 2)
-    if model is NEVER:
+    model, dense = MODELS[which]
+    fused = shape[0] == 1  # the matmul fallback for batches of 2
+    plan = _check(pattern, shape, model, monkeypatch, force_math=not fused, dense=dense)
+    if which == "stack-none":
         assert all(len(b.pieces) == 1 or b.folded for b in plan)
+    whole = [b for b in plan if b.whole]
+    assert len(whole) <= 1 and (not whole or len(plan) == 1)
+    if which == "dense" and fused:  # several calls as pieces: one masked call instead
+        calls = torch_backend.plan(_problem(*case), shape[-1], model, False)
+        assert bool(whole) == (len(calls) > 1)
+    if not fused or not dense:
+        assert not whole
 
 
 LONGNET = spattn.Pattern.model_validate({

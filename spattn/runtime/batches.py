@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from spattn.patterns.geometry import Geometry
 from spattn.runtime import costs
 from spattn.runtime.pieces import MASK_BUDGET, Piece
 
@@ -32,9 +33,12 @@ class Batch:
     folded: bool = False  # every head, the same rows, H == Hkv: a view of (B*H, N, D)
     why: str = ""  # the cost model's reason, for `spattn inspect --plan`
     cost_us: float = 0.0  # the model's prediction for one batch row (B = 1)
+    whole: bool = False  # the whole call, every head, one dense attention with a mask
 
     @property
     def strategy(self) -> str:
+        if self.whole:
+            return "dense masked"
         if self.folded:
             return "heads folded (view)"
         return "stacked (gather)" if len(self.pieces) > 1 else "strided view"
@@ -48,10 +52,13 @@ class Batch:
         return torch.cat([p.mask_tensor(device).expand(p.q.nseg, -1, -1) for p in self.pieces])
 
     def describe(self) -> str:
-        p = self.pieces[0]
-        heads = f"{len(self.pieces)} head{'s' if len(self.pieces) > 1 else ''}"
-        shape = f"{p.q.nseg} x ({p.q.count} x {p.k.count})"
-        kind = "causal" if p.causal else "masked" if p.mask is not None else "full"
+        if self.whole:
+            heads, shape, kind = "all heads", "1 x (N x N)", "masked"
+        else:
+            p = self.pieces[0]
+            heads = f"{len(self.pieces)} head{'s' if len(self.pieces) > 1 else ''}"
+            shape = f"{p.q.nseg} x ({p.q.count} x {p.k.count})"
+            kind = "causal" if p.causal else "masked" if p.mask is not None else "full"
         return f"{self.strategy:<20} {heads:<9} {shape:<24} {kind:<6} {self.why}"
 
 
@@ -98,9 +105,11 @@ def plan_batches(pieces: tuple[Piece, ...], heads: int, kv_heads: int, seq_len: 
         folded = len(group) == heads and heads == kv_heads and _same(group)
         p = group[0]
         shape = (p.q.count, p.k.count, p.causal, head_dim, p.mask is not None)
-        one = model.call(p.q.nseg, *shape)  # one piece alone
+        one = model.call(p.q.nseg, *shape) + model.merge([p], head_dim)  # one piece alone
         if folded:
-            cost = model.call(p.q.nseg * heads, *shape)
+            # one merge over every head's rows
+            cost = model.call(p.q.nseg * heads, *shape) + model.merge(group, head_dim) \
+                - (heads - 1) * model.piece_us
             batches.append(Batch(tuple(group), True, "every head reads the same rows: no copy",
                                  cost))
         elif len(group) == 1:
@@ -112,10 +121,38 @@ def plan_batches(pieces: tuple[Piece, ...], heads: int, kv_heads: int, seq_len: 
             separate, stacked = model.compare(group, head_dim)
             why = f"{separate / 1e3:.2f} ms as {len(group)} calls, {stacked / 1e3:.2f} ms stacked"
             if stacked < separate:
-                batches.append(Batch(tuple(group), why=why, cost_us=stacked))
+                batches.append(Batch(tuple(group), why=why,
+                                     cost_us=stacked + model.merge(group, head_dim)))
             else:
                 batches.extend(Batch((p,), why=why, cost_us=one) for p in group)
     return _mark_fresh(batches, heads, seq_len)
+
+
+def pair_counts(branches: tuple[Geometry, ...], n: int, heads: int, causal: bool, union: bool,
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+                ) -> torch.Tensor:
+    """(H, N, N): how many times each (head, query, key) pair counts (SEMANTICS.md: multiset
+    counts a pair once per branch that gives it, union once)."""
+    pos = torch.arange(n, device=device)
+    qpos, kpos = pos[:, None], pos[None, :]
+    counts = torch.zeros((heads, n, n), dtype=dtype, device=device)
+    for h in range(heads):
+        for g in branches:
+            counts[h] += g.allows(h, qpos, kpos)
+    if union:
+        counts.clamp_(max=1)
+    if causal:
+        counts *= kpos <= qpos
+    return counts
+
+
+def dense_masked(heads: int, seq_len: int, causal: bool, head_dim: int,
+                 model: costs.CostModel, pieces_us: float) -> Batch:
+    """The whole call as one dense attention with an additive mask of log(count): one call
+    instead of many when the sequence is short and the pattern dense enough."""
+    cost = model.call(heads, seq_len, seq_len, causal, head_dim, masked=True)
+    return Batch((), why=f"{cost / 1e3:.2f} ms in one call, {pieces_us / 1e3:.2f} ms as pieces",
+                 cost_us=cost, whole=True)
 
 
 def describe_plan(batches: tuple[Batch, ...], model: costs.CostModel) -> list[str]:
@@ -127,7 +164,8 @@ def describe_plan(batches: tuple[Batch, ...], model: costs.CostModel) -> list[st
         counts[line] = counts.get(line, 0) + 1
     pieces = sum(len(b.pieces) for b in batches)
     total = sum(b.cost_us for b in batches) / 1e3
-    lines = [f"{len(batches)} calls for {pieces} pieces, {total:.1f} ms predicted (B=1); cost "
+    what = "the whole pattern" if batches and batches[0].whole else f"{pieces} pieces"
+    lines = [f"{len(batches)} calls for {what}, {total:.1f} ms predicted (B=1); cost "
              f"model {model.describe()}"]
     lines += [f"{n:>3} x {line}" for line, n in counts.items()]
     return lines

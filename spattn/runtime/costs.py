@@ -69,7 +69,14 @@ class CostModel:
     pair_ns: float  # one (query, key) pair at head dim 64, on one thread
     mask_ns: float = 0.0  # more per pair when a mask is added to the scores
     block_us: float = 0.0  # one query block of one problem, beyond its pairs
+    piece_us: float = 0.0  # one piece's views and merge, beyond its elements
+    merge_ns: float = 0.0  # one output element merged into the running (O, LSE)
     source: str = "default"
+
+    def merge(self, pieces: Sequence, head_dim: int) -> float:
+        """Predicted microseconds of taking the pieces' rows and merging their results."""
+        elements = sum(p.q.count * p.q.nseg for p in pieces) * (head_dim + 1)
+        return len(pieces) * self.piece_us + elements * self.merge_ns / 1e3
 
     def call(self, problems: int, mq: int, mk: int, causal: bool, head_dim: int,
              masked: bool = False) -> float:
@@ -102,25 +109,33 @@ class CostModel:
     def describe(self) -> str:
         return (f"{self.source}: {self.call_us:.0f} us a call, {self.copy_gbps:.1f} GB/s "
                 f"gathered, {self.pair_ns:.2f} ns a pair a thread (D=64), "
-                f"{self.mask_ns:.2f} ns more masked, {self.block_us:.1f} us a query block")
+                f"{self.mask_ns:.2f} ns more masked, {self.block_us:.1f} us a query block, "
+                f"{self.piece_us:.0f} us + {self.merge_ns:.2f} ns an element a piece")
 
 
-DEFAULT = CostModel(call_us=120.0, copy_gbps=6.0, pair_ns=10.0, mask_ns=1.0,
-                   block_us=6.0)
+DEFAULT = CostModel(call_us=50.0, copy_gbps=4.0, pair_ns=9.5, mask_ns=0.8, block_us=6.0,
+                    piece_us=40.0, merge_ns=1.2)  # `spattn tune` on a 2-core x86_64
 
 
 def _path() -> Path:
-    machine = f"{platform.machine()}-{os.cpu_count()}cpu-{torch.get_num_threads()}threads"
-    return cache_dir() / "costs" / f"{machine}-torch-{torch.__version__}.json"
-
-
-def current() -> CostModel:
-    """The tuned model of this machine if `spattn tune` measured it, else the default."""
-    return _read(_path())
+    return _file(str(cache_dir()), torch.get_num_threads())
 
 
 @lru_cache(maxsize=8)
-def _read(path: Path) -> CostModel:
+def _file(root: str, threads: int) -> Path:
+    machine = f"{platform.machine()}-{os.cpu_count()}cpu-{threads}threads"
+    return Path(root) / "costs" / f"{machine}-torch-{torch.__version__}.json"
+
+
+def current() -> CostModel:
+    """The tuned model of this machine if `spattn tune` measured it, else the default. Asked
+    on every call: the file is read once per cache folder and thread count."""
+    return _read(os.environ.get("SPATTN_CACHE_DIR", ""), torch.get_num_threads())
+
+
+@lru_cache(maxsize=8)
+def _read(root: str, threads: int) -> CostModel:
+    path = _path()
     try:
         return CostModel(**{**json.loads(path.read_text()), "source": f"tuned ({path.name})"})
     except (OSError, ValueError, TypeError):
@@ -138,9 +153,10 @@ def _best(fn: Callable[[], object], repeats: int) -> float:
 
 
 def measure(repeats: int = 5, progress: Callable[[str], None] | None = None) -> CostModel:
-    """Time the figures on this machine (a few seconds): a call on a tiny problem with its merge,
-    a gather of strided rows, and the pairs of a large dense problem (per thread, as
-    `busiest_pairs` counts them), without and with a mask."""
+    """Time the figures on this machine (a few seconds): a call on a tiny problem, a gather of
+    strided rows, the pairs of a large dense problem (per thread, as `busiest_pairs` counts
+    them) without and with a mask, many small problems, and merges of a tiny and a large
+    result."""
     from spattn.runtime.kernels import Mask, attend
 
     say = progress or (lambda _: None)
@@ -148,13 +164,7 @@ def measure(repeats: int = 5, progress: Callable[[str], None] | None = None) -> 
     tiny = torch.randn(1, 1, 16, 64)
     o_acc, l_acc = torch.zeros(1, 1, 16, 64), torch.full((1, 1, 16), float("-inf"))
 
-    def one_call() -> None:
-        o, lse = attend(tiny, tiny, tiny, 0.125, False, None)
-        merged = torch.logaddexp(l_acc, lse)
-        weight = torch.exp(l_acc - merged).unsqueeze(-1)
-        o_acc * weight + o * torch.exp(lse - merged).unsqueeze(-1)
-
-    call = _best(one_call, repeats * 20)
+    call = _best(lambda: attend(tiny, tiny, tiny, 0.125, False, None), repeats * 20)
     say("a gather")
     big = torch.randn(1, 1 << 16, 64)
     rows = [big[:, s::4].unsqueeze(1) for s in range(4)]
@@ -173,10 +183,25 @@ def measure(repeats: int = 5, progress: Callable[[str], None] | None = None) -> 
     many = _best(lambda: attend(small, small, small, 0.125, False, None), repeats) - call
     threads = torch.get_num_threads()
     pairs_small = busiest_pairs(512, 32, 32, False, threads) * pair_ns / 1e9
+    say("merges")
+    tiny_piece = _best(lambda: _merge_like(o_acc, l_acc), repeats * 20)
+    o_big, l_big = torch.zeros(1, 1, 1 << 16, 64), torch.zeros(1, 1, 1 << 16)
+    big_piece = _best(lambda: _merge_like(o_big, l_big), repeats) - tiny_piece
     return CostModel(call_us=call * 1e6, copy_gbps=big.numel() * 4 / gather / 1e9,
                      pair_ns=pair_ns, mask_ns=max(masked - pairs, 0.0) * 1e9 / busiest,
                      block_us=max(many - pairs_small, 0.0) * 1e6 / -(-512 // threads),
+                     piece_us=tiny_piece * 1e6,
+                     merge_ns=max(big_piece, 0.0) * 1e9 / (l_big.numel() * 65),
                      source="tuned")
+
+
+def _merge_like(o_acc: torch.Tensor, l_acc: torch.Tensor) -> None:
+    """The work of merging one piece's result (runtime/torch_backend.py: _merge)."""
+    o_p, l_p = o_acc.clone(), l_acc.clone()
+    l_new = torch.logaddexp(l_acc, l_p)
+    share = torch.exp(l_p - l_new).nan_to_num_(0.0)
+    o_acc.lerp_(o_p, share.unsqueeze(-1))
+    l_acc.copy_(l_new)
 
 
 def tune(repeats: int = 5, progress: Callable[[str], None] | None = None) -> tuple[CostModel,

@@ -18,6 +18,8 @@ rowsum(dO * O) already account for the sink, and dt_h = -sum_p exp(t_h - LSE_p) 
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from spattn.patterns.geometry import resolve
@@ -27,10 +29,21 @@ from spattn.runtime import torch_backend, triton_backend
 _PATTERNS: dict[str, Pattern] = {}
 
 
+_KEYS: OrderedDict[int, tuple[Pattern, str]] = OrderedDict()  # id -> (the pattern, its key)
+
+
 def register(pattern: Pattern) -> str:
-    """Remember `pattern` under its content hash, the key the ops take."""
+    """Remember `pattern` under its content hash, the key the ops take. The hash of a pattern
+    object is kept (its last 64): every call asks, and hashing costs about a millisecond."""
+    known = _KEYS.get(id(pattern))
+    if known is not None and known[0] is pattern:  # the entry holds the object: ids stay its
+        _KEYS.move_to_end(id(pattern))
+        return known[1]
     key = pattern.content_hash()
     _PATTERNS.setdefault(key, pattern)
+    _KEYS[id(pattern)] = (pattern, key)
+    if len(_KEYS) > 64:
+        _KEYS.popitem(last=False)
     return key
 
 

@@ -9,7 +9,7 @@ views of q, k, v, and a mask, when it needs one, covers only that piece's rows.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -17,11 +17,12 @@ import torch
 
 from spattn.patterns.geometry import Geometry, Window
 from spattn.runtime import costs
-from spattn.runtime.batches import Batch, describe_plan, plan_batches
+from spattn.runtime.batches import Batch, dense_masked, describe_plan, pair_counts, plan_batches
 from spattn.runtime.kernels import Mask, attend, attend_backward, unit_stride_rows
 from spattn.runtime.pieces import plan_pieces
 from spattn.runtime.rows import Rows
 
+DENSE_MASK_LIMIT = 1 << 24  # (head, query, key) entries of a whole-call mask
 WINDOW_DIVISORS = (8, 4, 2, 1)  # window chunks of W/8 .. W queries, as the model prefers
 
 
@@ -43,9 +44,12 @@ class Problem:
 
 
 @lru_cache(maxsize=64)
-def plan(problem: Problem, head_dim: int, model: costs.CostModel) -> tuple[Batch, ...]:
+def plan(problem: Problem, head_dim: int, model: costs.CostModel, fused: bool = True
+         ) -> tuple[Batch, ...]:
     """The batches of a call shape, built once per (problem, head dim, cost model). Windows are
-    cut in chunks of W/8, W/4, W/2 or W queries, whichever the model predicts fastest."""
+    cut in chunks of W/8, W/4, W/2 or W queries, whichever the model predicts fastest. With the
+    fused CPU kernel (`fused`), a short sequence may instead run as one dense call with a mask
+    (at most DENSE_MASK_LIMIT entries), when the model predicts that faster."""
     windows = any(isinstance(g, Window) for g in problem.branches)
     plans = []
     for divisor in WINDOW_DIVISORS if windows else WINDOW_DIVISORS[:1]:
@@ -53,38 +57,70 @@ def plan(problem: Problem, head_dim: int, model: costs.CostModel) -> tuple[Batch
                                    problem.causal, problem.union, divisor=divisor))
         plans.append(plan_batches(pieces, problem.heads, problem.kv_heads, problem.seq_len,
                                   head_dim, model))
-    return min(plans, key=lambda batches: sum(b.cost_us for b in batches))
+    best = min(plans, key=lambda batches: sum(b.cost_us for b in batches))
+    n = problem.seq_len
+    small = problem.heads * n * n <= DENSE_MASK_LIMIT
+    if fused and small and best and _dense(best, problem) is None:
+        whole = dense_masked(problem.heads, n, problem.causal, head_dim, model,
+                             sum(b.cost_us for b in best))
+        if whole.cost_us < sum(b.cost_us for b in best):
+            return (whole,)
+    return best
 
 
 def describe(problem: Problem, head_dim: int) -> list[str]:
-    """The plan this machine's cost model chooses for a call shape, a line per kind of call."""
+    """The plan this machine's cost model chooses for a call shape (on CPU), a line per kind
+    of call."""
     model = costs.current()
     return describe_plan(plan(problem, head_dim, model), model)
 
 
-def _plan(problem: Problem, head_dim: int) -> tuple[Batch, ...]:
-    return plan(problem, head_dim, costs.current())
+def _plan(problem: Problem, q: torch.Tensor) -> tuple[Batch, ...]:
+    fused = q.device.type == "cpu" and not problem.force_math
+    return plan(problem, q.shape[-1], costs.current(), fused)
+
+
+def _whole_mask(problem: Problem, device: torch.device, dtype: torch.dtype) -> Mask:
+    """The (1, H, N, N) mask of a dense masked call: log(count) where a pair counts, -inf where
+    it does not; kept like the pieces' masks."""
+    def build() -> Mask:
+        counts = pair_counts(problem.branches, problem.seq_len, problem.heads, problem.causal,
+                             problem.union, device, _accum_dtype(dtype))  # log 2 to the digit
+        allowed = counts > 0
+        return Mask(allowed, counts.log().to(dtype).unsqueeze(0), ~allowed.any(-1).unsqueeze(0))
+
+    return _kept((problem, str(device), dtype), build)
+
+
+def _kv_for_heads(x: torch.Tensor, problem: Problem) -> torch.Tensor:
+    """K or V with a head for every query head (a view when H == Hkv)."""
+    group = problem.heads // problem.kv_heads
+    return x if group == 1 else x.repeat_interleave(group, 1)
 
 
 MASK_CACHE_BYTES = 256 << 20  # masks kept between calls (they cost more to build than to use)
-_masks: OrderedDict[tuple[Batch, str, torch.dtype], Mask] = OrderedDict()
+_masks: OrderedDict[tuple, Mask] = OrderedDict()
 
 
-def _mask(batch: Batch, device: torch.device, dtype: torch.dtype) -> Mask | None:
-    """The batch's mask, built once and kept (least recently used first out) while the kept
-    masks fit MASK_CACHE_BYTES: predicates over positions cost more than the kernel's use."""
-    if batch.pieces[0].mask is None:
-        return None
-    key = (batch, str(device), dtype)
+def _kept(key: tuple, build: Callable[[], Mask]) -> Mask:
+    """A mask built once and kept (least recently used first out) while the kept masks fit
+    MASK_CACHE_BYTES: predicates over positions cost more than the kernel's use of them."""
     if (mask := _masks.get(key)) is not None:
         _masks.move_to_end(key)
         return mask
-    mask = Mask.of(batch.mask_tensor(device), dtype)
+    mask = build()
     if mask.nbytes <= MASK_CACHE_BYTES:
         _masks[key] = mask
         while sum(m.nbytes for m in _masks.values()) > MASK_CACHE_BYTES:
             _masks.popitem(last=False)
     return mask
+
+
+def _mask(batch: Batch, device: torch.device, dtype: torch.dtype) -> Mask | None:
+    if batch.pieces[0].mask is None:
+        return None
+    return _kept((batch, str(device), dtype),
+                 lambda: Mask.of(batch.mask_tensor(device), dtype))
 
 
 def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -152,11 +188,15 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problem: Problem
     """O (B, H, N, D) in q's dtype and LSE (B, H, N) (-inf where a query got no key)."""
     q, k, v = unit_stride_rows(q, k, v)  # once here, rather than per piece in `attend`
     acc = _accum_dtype(q.dtype)
-    batches = _plan(problem, q.shape[-1])
+    batches = _plan(problem, q)
+    if batches and batches[0].whole:  # one dense call over every head, its mask counting pairs
+        o, o_lse = attend(q, _kv_for_heads(k, problem), _kv_for_heads(v, problem),
+                          problem.scale, problem.causal, _whole_mask(problem, q.device, q.dtype))
+        return o.contiguous(), o_lse.to(acc).contiguous()  # the layout the ops promise
     if (dense := _dense(batches, problem)) is not None:
         o, o_lse = attend(*(_gather(dense, x, "q", problem) for x in (q, k, v)), problem.scale,
                           dense.pieces[0].causal, None, problem.force_math)
-        return o.view(q.shape), o_lse.to(acc).view(q.shape[:3])
+        return o.reshape(q.shape).contiguous(), o_lse.to(acc).reshape(q.shape[:3]).contiguous()
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
     for batch in batches:
@@ -178,13 +218,21 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     do, q, k, v, out = unit_stride_rows(do, q, k, v, out)
     acc = _accum_dtype(q.dtype)
-    batches = _plan(problem, q.shape[-1])
+    batches = _plan(problem, q)
     lse_kernel = lse if q.dtype == torch.float64 else lse.float()
+    if batches and batches[0].whole:
+        dq, dk, dv = attend_backward(do, q, _kv_for_heads(k, problem), _kv_for_heads(v, problem),
+                                     out, lse_kernel, problem.scale, problem.causal,
+                                     _whole_mask(problem, q.device, q.dtype))
+        group = problem.heads // problem.kv_heads
+        if group > 1:  # each key head's gradient sums its query heads'
+            dk, dv = (g.unflatten(1, (problem.kv_heads, group)).sum(2) for g in (dk, dv))
+        return dq.contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
     if (dense := _dense(batches, problem)) is not None:
         grads = attend_backward(
             *(_gather(dense, x, "q", problem) for x in (do, q, k, v, out, lse_kernel)),
             problem.scale, dense.pieces[0].causal, None, problem.force_math)
-        return tuple(g.view(x.shape) for g, x in zip(grads, (q, k, v), strict=True))
+        return tuple(g.reshape(x.shape).contiguous() for g, x in zip(grads, (q, k, v), strict=True))
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
