@@ -10,8 +10,9 @@ and interleaved call by call (best of --repeats after a warm-up), fp32, B=1, H=4
 - spattn: `spattn.attention` (the PyTorch backend and its planned calls);
 - dense SDPA: `scaled_dot_product_attention` with `is_causal`, the pattern's causality;
 - gather: gather + SDPA + scatter, LongNet's own method (dilated and dense branches only);
-- flex: FlexAttention compiled for the CPU with spattn's exported mask (N <= 16K; the mask is
-  built over every (query, key) pair).
+- flex: FlexAttention compiled for the CPU with spattn's exported mask (N <= 4K: it takes
+  25-40 s a call at 16K; the mask is built over every (query, key) pair). Its backward does not
+  run on the CPU (NotImplementedError), so it has no forward+backward times.
 
 `same` says whether a peer computes this pattern: its forward output matches spattn's to 1e-4.
 A peer that does not (dense SDPA on a sparse pattern; FlexAttention or a union of branches where
@@ -46,7 +47,7 @@ RESULTS = Path(__file__).parent / "results"
 PEERS = ("dense SDPA", "gather", "flex")
 B, H, D = 1, 4, 64
 DENSE_GFLOPS = 40.0  # this machine's dense SDPA rate, for skipping calls past the budget
-FLEX_MAX_N = 16384
+FLEX_MAX_N = 4096  # compiled FlexAttention on CPU takes 25-40 s a call at 16K
 SCALED = {"longnet-lm": 16, "longnet-geometric": 16, "longvit": 16, "sliding-window": 8,
           "sink-window": 8}
 FIELDS = ["case", "seq_len", "pass", "method", "ms", "spattn_over_method", "same",
@@ -79,8 +80,11 @@ def methods(pattern: spattn.Pattern, n: int, backward: bool, budget_s: float,
         found["dense SDPA"] = peers.dense_sdpa(pattern.causal)
     found["gather"] = (peers.gather_sdpa_scatter(pattern) if _dilated_only(pattern, n)
                        else "not dilated")
+    union = pattern.model_copy(update={"overlap": "union"})
     if n > FLEX_MAX_N:
         found["flex"] = f"N > {FLEX_MAX_N}"
+    elif count_pairs(union, n, H).total != count_pairs(pattern, n, H).total:
+        found["flex"] = "computes the union (pairs counted twice here)"
     elif "flex" in chosen:
         found["flex"] = peers.flex(pattern, n, H, torch.device("cpu"))
     return {name: fn for name, fn in found.items() if name == "spattn" or name in chosen}
@@ -102,6 +106,10 @@ def measure(case: str, pattern: spattn.Pattern, n: int, backward: bool, repeats:
     grad = torch.randn(B, H, n, D, generator=gen)
     found = methods(pattern, n, backward, budget_s, chosen)
     timed = {name: fn for name, fn in found.items() if callable(fn)}
+    if len(timed) == 1:  # no peer runs this cell: nothing to compare with
+        return [dict(case=case, seq_len=n, method=name, ms="", spattn_over_method="", same=why,
+                     useful_gflops="", **{"pass": "fwd+bwd" if backward else "fwd"})
+                for name, why in found.items() if name != "spattn"]
     outputs = {}
     for name, fn in list(timed.items()):  # warm-up (compiles), and the outputs compared
         try:
@@ -138,8 +146,10 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    names = list(dict.fromkeys(r["case"] for r in rows))
+    colors = plt.get_cmap("tab20")
     for ax, what in zip(axes, ("fwd", "fwd+bwd"), strict=True):
-        for case in dict.fromkeys(r["case"] for r in rows):
+        for i, case in enumerate(names):
             best = {}
             for r in rows:  # per N: spattn over the fastest peer that computes the same thing
                 if r["case"] == case and r["pass"] == what and r["same"] == "yes" \
@@ -148,17 +158,51 @@ def plot(rows: list[dict], path: Path) -> None:
                     best[n] = max(best.get(n, 0.0), float(r["spattn_over_method"]))
             if best:
                 ns = sorted(best)
-                ax.plot(ns, [best[n] for n in ns], marker="o", label=case)
+                ax.plot(ns, [best[n] for n in ns], marker="o", label=case, color=colors(i))
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length N")
         ax.set_title(f"{what}: spattn time / fastest exact peer (below 1: spattn faster)")
     axes[0].set_ylabel("time ratio")
-    axes[1].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     fig.suptitle(f"spattn vs peers on CPU ({platform.machine()}, {torch.get_num_threads()} "
                  f"threads, fp32, B={B} H={H} D={D})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def markdown(rows: list[dict]) -> str:
+    """A table per pass: spattn's time, and its ratio to each peer's (bold where the peer is
+    faster; in parentheses where the peer computes something else)."""
+    out = []
+    for what in ("fwd", "fwd+bwd"):
+        cells: dict[tuple[str, int], dict[str, dict]] = {}
+        for r in rows:
+            if r["pass"] == what:
+                cells.setdefault((r["case"], int(r["seq_len"])), {})[r["method"]] = r
+        if not cells:
+            continue
+        out += [f"\n{what}: spattn's time, and spattn's time / the peer's\n",
+                "| case | N | spattn ms | / dense SDPA | / gather | / flex |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for (case, n), by in cells.items():
+            if "spattn" not in by:  # no peer ran this cell
+                continue
+            line = [case, f"{n:,}", by["spattn"]["ms"]]
+            for peer in PEERS:
+                r = by.get(peer)
+                if r is None or not r["ms"]:
+                    line.append("-")
+                    continue
+                ratio = float(r["spattn_over_method"])
+                text = f"{ratio:.2f}"
+                if r["same"] != "yes":
+                    text = f"({text})"
+                elif ratio > 1.0:
+                    text = f"**{text}**"
+                line.append(text)
+            out.append("| " + " | ".join(line) + " |")
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -168,11 +212,13 @@ def main() -> None:
     parser.add_argument("--passes", nargs="+", choices=["fwd", "fwd+bwd"],
                         default=["fwd", "fwd+bwd"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--budget-s", type=float, default=20.0,
+    parser.add_argument("--budget-s", type=float, default=8.0,
                         help="skip a peer whose dense work would take longer per call")
     parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
     parser.add_argument("--fresh", action="store_true", help="start a new CSV")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the CSV and plot")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the CSV's tables in markdown, redraw the plot, and stop")
     args = parser.parse_args()
     results = args.results
     csv_path = results / "cpu_peers.csv"
@@ -181,6 +227,12 @@ def main() -> None:
     unknown = [c for c in chosen if c not in all_cases]
     if unknown:
         parser.error(f"unknown cases {unknown}; known: {', '.join(all_cases)}")
+    if args.markdown:  # and the plot, redrawn
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+        plot(rows, results / "cpu_peers.png")
+        print(markdown(rows))
+        return
     results.mkdir(parents=True, exist_ok=True)
     done = set()
     if csv_path.exists() and not args.fresh:

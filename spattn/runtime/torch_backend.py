@@ -2,8 +2,11 @@
 merged by log-sum-exp into one running (O, LSE); and the exact backward. `spattn.runtime.ops`
 wraps the two as torch.library custom ops with autograd.
 
-Memory is linear in N: the accumulators are (B, H, N, D) and (B, H, N); each piece reads strided
-views of q, k, v, and a mask, when it needs one, covers only that piece's rows.
+Each call shape gets a plan once (`plan`): the pieces grouped into calls (runtime/batches.py) as
+the cost model (runtime/costs.py) predicts fastest, or, for a short sequence, the whole pattern
+as one dense call with a mask. Memory is linear in N: the accumulators are (B, H, N, D) and
+(B, H, N); each piece reads strided views of q, k, v, and a mask, when it needs one, covers
+only that piece's rows (the whole-call mask only below DENSE_MASK_LIMIT entries).
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ def _kv_for_heads(x: torch.Tensor, problem: Problem) -> torch.Tensor:
 
 
 MASK_CACHE_BYTES = 256 << 20  # masks kept between calls (they cost more to build than to use)
+MASK_CACHE_ENTRIES = 4096
 _masks: OrderedDict[tuple, Mask] = OrderedDict()
 
 
@@ -111,7 +115,8 @@ def _kept(key: tuple, build: Callable[[], Mask]) -> Mask:
     mask = build()
     if mask.nbytes <= MASK_CACHE_BYTES:
         _masks[key] = mask
-        while sum(m.nbytes for m in _masks.values()) > MASK_CACHE_BYTES:
+        while len(_masks) > MASK_CACHE_ENTRIES or \
+                sum(m.nbytes for m in _masks.values()) > MASK_CACHE_BYTES:
             _masks.popitem(last=False)
     return mask
 
