@@ -147,3 +147,34 @@ def test_cli_tune_inspect_plan_and_run_print_the_plan(tmp_path, monkeypatch, cap
     assert main(["run", "sliding-window", "-n", "300", "--repeat", "1", "--no-baseline",
                  "--check-rows", "1"]) == 0
     assert "  plan      1 calls for 4 pieces" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, n, dense", [("dense-causal", 50, True),
+                                           ("sliding-window", 300, True),
+                                           ("longnet-lm", 300, False), ("sink-window", 50, False)])
+def test_a_plain_dense_call_is_torchs_own_attention(name, n, dense, monkeypatch):
+    """A call that is exactly dense attention (every pair once: dense-causal, a window wider than
+    the sequence) runs as scaled_dot_product_attention itself; others never do."""
+    import torch
+    import torch.nn.functional as F
+    from reference import reference_attention
+
+    from spattn.runtime import dispatch
+
+    calls, real = [], F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch.F, "scaled_dot_product_attention", spy)
+    q, k, v = (torch.randn(2, 3, n, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    pattern = spattn.load_pattern(name)
+    out = spattn.attention(q, k, v, pattern, backend="torch")
+    assert len(calls) == (1 if dense else 0)
+    want = reference_attention(q, k, v, pattern)
+    torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-10)
+    grad = torch.randn_like(out)
+    for g, w in zip(torch.autograd.grad(out, (q, k, v), grad),
+                    torch.autograd.grad(want, (q, k, v), grad), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)

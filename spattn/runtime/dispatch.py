@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from spattn.errors import SpattnError
 from spattn.limits import check_scale
@@ -150,17 +151,23 @@ def check_fixed(call: Call, name: str, heads: int | None = None, kv_heads: int |
 @torch._dynamo.assume_constant_result
 def _choose(pattern: Pattern, sizes: tuple[int, int, int, int, int], dtype: torch.dtype,
             device: torch.device, needs_grad: bool, backend: str | None, scale: float | None
-            ) -> tuple[str, str, float]:
-    """(backend name, pattern key, scale) for a checked call; under torch.compile this runs once
-    at trace time, on plain values, and its result is a constant of the graph."""
+            ) -> tuple[str, str, float, bool | None]:
+    """(backend name, pattern key, scale, dense) for a checked call, `dense` the causality of a
+    call that is plain dense attention on the torch backend (else None); under torch.compile
+    this runs once at trace time, on plain values, and its result is a constant of the graph."""
     call = Call(*sizes, dtype, device, needs_grad)
     check_fixed(call, pattern.name, pattern.heads, pattern.kv_heads, pattern.head_dim,
                 pattern.required_heads())
     if pattern.min_heads() > call.heads:
         raise InputError(f"pattern '{pattern.name}' has a branch for head "
                          f"{pattern.min_heads() - 1}, but q has {call.heads} heads")
-    return (pick_backend(call, pattern, backend), ops.register(pattern),
-            resolve_scale(pattern, scale, call.head_dim))
+    name, key = pick_backend(call, pattern, backend), ops.register(pattern)
+    scale = resolve_scale(pattern, scale, call.head_dim)
+    dense = None
+    if name == "torch" and call.seq_len:
+        dense = ops.dense_causality(key, call.heads, call.kv_heads, call.seq_len, call.head_dim,
+                                    scale)
+    return name, key, scale, dense
 
 
 def resolve_scale(pattern: Pattern, scale: object, head_dim: int) -> float:
@@ -236,11 +243,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
 def _one(q, k, v, pattern: Pattern, call: Call, backend: str | None, scale: object,
          sinks: torch.Tensor | None) -> torch.Tensor:
     sizes = (call.batch, call.heads, call.kv_heads, call.seq_len, call.head_dim)
-    name, key, scale = _choose(pattern, sizes, call.dtype, call.device, call.needs_grad, backend,
-                               scale)
+    name, key, scale, dense = _choose(pattern, sizes, call.dtype, call.device, call.needs_grad,
+                                      backend, scale)
     if call.queries == 0 or call.batch == 0:
         return q.new_zeros(q.shape) + varlen.connected_zero(q, k, v)
     first = call.seq_len - call.queries  # the position of query row 0
+    if not first and dense is not None and sinks is None:  # exactly torch's own attention
+        return F.scaled_dot_product_attention(q, k, v, is_causal=dense, scale=scale)
     if not first:
         return BACKENDS[name].run(q, k, v, key, scale, sinks)
     grad = call.needs_grad or (sinks is not None and sinks.requires_grad

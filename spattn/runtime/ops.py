@@ -24,7 +24,7 @@ import torch
 
 from spattn.patterns.geometry import resolve
 from spattn.patterns.spec import Pattern
-from spattn.runtime import torch_backend, triton_backend
+from spattn.runtime import costs, torch_backend, triton_backend
 
 _PATTERNS: dict[str, Pattern] = {}
 
@@ -48,11 +48,25 @@ def register(pattern: Pattern) -> str:
 
 
 def _problem(key: str, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch_backend.Problem:
+    return _problem_of(key, q.shape[1], k.shape[1], q.shape[2], scale)
+
+
+def _problem_of(key: str, heads: int, kv_heads: int, n: int, scale: float
+                ) -> torch_backend.Problem:
     pattern = _PATTERNS[key]
-    n, heads = q.shape[2], q.shape[1]
     return torch_backend.Problem(
-        branches=resolve(pattern, n, heads), seq_len=n, heads=heads, kv_heads=k.shape[1],
+        branches=resolve(pattern, n, heads), seq_len=n, heads=heads, kv_heads=kv_heads,
         causal=pattern.causal, union=pattern.overlap == "union", scale=scale)
+
+
+def dense_causality(key: str, heads: int, kv_heads: int, n: int, head_dim: int,
+                    scale: float) -> bool | None:
+    """Whether a call of this shape is plain dense attention (every pair once: a dense or causal
+    pattern, a window wider than the sequence), and then whether causal; else None. Such a
+    call is exactly `scaled_dot_product_attention`, and runs as it."""
+    problem = _problem_of(key, heads, kv_heads, n, scale)
+    dense = torch_backend._dense(torch_backend.plan(problem, head_dim, costs.current()), problem)
+    return None if dense is None else dense.pieces[0].causal
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
