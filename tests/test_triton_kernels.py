@@ -80,6 +80,15 @@ def test_every_branch_kind_with_gqa_and_groups_of_offsets():
     _check(pattern, (2, 4, 1, 50, 32))
 
 
+@pytest.mark.parametrize("dim, overlap", [(96, "multiset"), (128, "union")])
+def test_wide_float32_heads_take_the_two_halves_backward(dim, overlap):
+    # float32 past 64 columns: the row kernels' backward reads q and dO from memory and
+    # multiplies in two halves of the head dim (96: padded to 128, the halves masked unevenly)
+    pattern = spattn.Pattern.model_validate({"name": "wide", "causal": True, "overlap": overlap,
+                                             "branches": SOME_HEADS})
+    _check(pattern, (1, 4, 2, 37, dim))
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_union_overlap_counts_each_pair_once(causal):
     # every kind overlaps an earlier one: the dense branch first, so later branches add nothing
