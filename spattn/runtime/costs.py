@@ -162,7 +162,7 @@ def measure(repeats: int = 5, progress: Callable[[str], None] | None = None) -> 
     say = progress or (lambda _: None)
     say("a call")
     tiny = torch.randn(1, 1, 16, 64)
-    o_acc, l_acc = torch.zeros(1, 1, 16, 64), torch.full((1, 1, 16), float("-inf"))
+    o_acc, l_acc = torch.zeros(1, 16, 64), torch.full((1, 16), float("-inf"))
 
     call = _best(lambda: attend(tiny, tiny, tiny, 0.125, False, None), repeats * 20)
     say("a gather")
@@ -184,9 +184,9 @@ def measure(repeats: int = 5, progress: Callable[[str], None] | None = None) -> 
     threads = torch.get_num_threads()
     pairs_small = busiest_pairs(512, 32, 32, False, threads) * pair_ns / 1e9
     say("merges")
-    tiny_piece = _best(lambda: _merge_like(o_acc, l_acc), repeats * 20)
-    o_big, l_big = torch.zeros(1, 1, 1 << 16, 64), torch.zeros(1, 1, 1 << 16)
-    big_piece = _best(lambda: _merge_like(o_big, l_big), repeats) - tiny_piece
+    tiny_piece = _best(lambda: _merge_one(o_acc, l_acc), repeats * 20)
+    o_big, l_big = torch.zeros(1, 1 << 16, 64), torch.zeros(1, 1 << 16)
+    big_piece = _best(lambda: _merge_one(o_big, l_big), repeats) - tiny_piece
     return CostModel(call_us=call * 1e6, copy_gbps=big.numel() * 4 / gather / 1e9,
                      pair_ns=pair_ns, mask_ns=max(masked - pairs, 0.0) * 1e9 / busiest,
                      block_us=max(many - pairs_small, 0.0) * 1e6 / -(-512 // threads),
@@ -195,13 +195,14 @@ def measure(repeats: int = 5, progress: Callable[[str], None] | None = None) -> 
                      source="tuned")
 
 
-def _merge_like(o_acc: torch.Tensor, l_acc: torch.Tensor) -> None:
-    """The work of merging one piece's result (runtime/torch_backend.py: _merge)."""
-    o_p, l_p = o_acc.clone(), l_acc.clone()
-    l_new = torch.logaddexp(l_acc, l_p)
-    share = torch.exp(l_p - l_new).nan_to_num_(0.0)
-    o_acc.lerp_(o_p, share.unsqueeze(-1))
-    l_acc.copy_(l_new)
+def _merge_one(o_acc: torch.Tensor, l_acc: torch.Tensor) -> None:
+    """The backend's own merge of one result into a running (O, LSE) of every row of
+    (1, N, D) and (1, N)."""
+    from spattn.runtime.rows import Rows
+    from spattn.runtime.torch_backend import _merge
+
+    rows = Rows(0, o_acc.shape[1])
+    _merge(rows, o_acc, l_acc, rows.take(o_acc).clone(), rows.take(l_acc).clone(), False)
 
 
 def tune(repeats: int = 5, progress: Callable[[str], None] | None = None) -> tuple[CostModel,
