@@ -99,15 +99,19 @@ def test_busiest_thread_counts():
 
 
 def test_model_stacks_lone_causal_problems_not_balanced_ones():
+    from spattn.runtime.batches import plan_batches
     from spattn.runtime.pieces import Piece
     from spattn.runtime.rows import Rows
 
+    def stacked(pieces: list, model: CostModel) -> bool:  # one call for the four heads' pieces
+        return len(plan_batches(tuple(pieces), 4, 4, 8192 + 4, 64, model)) == 1
+
     model = CostModel(call_us=0.0, copy_gbps=5.0, pair_ns=5.0)
     lone = [Piece(h, Rows(h, 2048, 4), Rows(h, 2048, 4), causal=True) for h in range(4)]
-    assert model.stack(lone, 64)  # threads evened out: worth the copy
-    many = [Piece(h, Rows(h, 64, 4, 64, 256), Rows(h, 64, 4, 64, 256)) for h in range(4)]
-    assert not model.stack(many, 64)  # already balanced, tiny problems: the copy costs more
-    assert CostModel(call_us=1e6, copy_gbps=5.0, pair_ns=5.0).stack(many, 64)  # calls dear
+    assert stacked(lone, model)  # threads evened out: worth the copy
+    many = [Piece(h, Rows(h, 64, 4, 32, 256), Rows(h, 64, 4, 32, 256)) for h in range(4)]
+    assert not stacked(many, model)  # already balanced, tiny problems: the copy costs more
+    assert stacked(many, CostModel(call_us=1e6, copy_gbps=5.0, pair_ns=5.0))  # calls dear
 
 
 def test_tune_keeps_the_figures_for_later_processes(tmp_path, monkeypatch):

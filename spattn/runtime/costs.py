@@ -98,14 +98,6 @@ class CostModel:
         copy_us = rows * head_dim * item_bytes / (self.copy_gbps * 1e3)
         return separate, self.call(p.q.nseg * len(pieces), *args) + copy_us
 
-    def stack(self, pieces: Sequence, head_dim: int, item_bytes: int = 4) -> bool:
-        """Whether one call over the stacked pieces beats one call each: the calls saved and the
-        threads evened out, against the rows copied."""
-        if len(pieces) < 2:
-            return False
-        separate, stacked = self.compare(pieces, head_dim, item_bytes)
-        return stacked < separate
-
     def describe(self) -> str:
         return (f"{self.source}: {self.call_us:.0f} us a call, {self.copy_gbps:.1f} GB/s "
                 f"gathered, {self.pair_ns:.2f} ns a pair a thread (D=64), "
