@@ -9,6 +9,8 @@ and interleaved call by call (best of --repeats after a warm-up), fp32, B=1, H=4
 
 - spattn: `spattn.attention` (the PyTorch backend and its planned calls);
 - dense SDPA: `scaled_dot_product_attention` with `is_causal`, the pattern's causality;
+- masked SDPA: `scaled_dot_product_attention` with the pattern as an additive mask (log of each
+  pair's count, -inf where none): exact for every pattern, N <= 4K (the mask is H x N x N);
 - gather: gather + SDPA + scatter, LongNet's own method (dilated and dense branches only);
 - flex: FlexAttention compiled for the CPU with spattn's exported mask (N <= 4K: it takes
   25-40 s a call at 16K; the mask is built over every (query, key) pair). Its backward does not
@@ -44,10 +46,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-PEERS = ("dense SDPA", "gather", "flex")
+PEERS = ("dense SDPA", "masked SDPA", "gather", "flex")
 B, H, D = 1, 4, 64
 DENSE_GFLOPS = 40.0  # this machine's dense SDPA rate, for skipping calls past the budget
 FLEX_MAX_N = 4096  # compiled FlexAttention on CPU takes 25-40 s a call at 16K
+MASKED_MAX_N = 4096  # masked SDPA's (1, H, N, N) float mask: 256 MB at 4K, 4 GB at 16K
 SCALED = {"longnet-lm": 16, "longnet-geometric": 16, "longvit": 16, "sliding-window": 8,
           "sink-window": 8}
 FIELDS = ["case", "seq_len", "pass", "method", "ms", "spattn_over_method", "same",
@@ -78,6 +81,10 @@ def methods(pattern: spattn.Pattern, n: int, backward: bool, budget_s: float,
         found["dense SDPA"] = f"past the {budget_s:.0f} s budget"
     else:
         found["dense SDPA"] = peers.dense_sdpa(pattern.causal)
+    if n > MASKED_MAX_N:
+        found["masked SDPA"] = f"N > {MASKED_MAX_N}"
+    elif "masked SDPA" in chosen:
+        found["masked SDPA"] = peers.masked_sdpa(pattern, n, H, torch.device("cpu"))
     found["gather"] = (peers.gather_sdpa_scatter(pattern) if _dilated_only(pattern, n)
                        else "not dilated")
     union = pattern.model_copy(update={"overlap": "union"})
@@ -183,8 +190,8 @@ def markdown(rows: list[dict]) -> str:
         if not cells:
             continue
         out += [f"\n{what}: spattn's time, and spattn's time / the peer's\n",
-                "| case | N | spattn ms | / dense SDPA | / gather | / flex |",
-                "|---|---:|---:|---:|---:|---:|"]
+                "| case | N | spattn ms | " + " | ".join(f"/ {p}" for p in PEERS) + " |",
+                "|---|---:|---:|" + "---:|" * len(PEERS)]
         for (case, n), by in cells.items():
             if "spattn" not in by:  # no peer ran this cell
                 continue

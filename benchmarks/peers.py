@@ -1,6 +1,9 @@
 """The methods spattn is timed against, each as `fn(q, k, v) -> out` on (B, H, N, D) tensors.
 
 - `dense_sdpa`: dense `scaled_dot_product_attention` (flash backend on CUDA): the speed reference.
+- `masked_sdpa`: dense `scaled_dot_product_attention` with the pattern as an additive mask,
+  log(count) where a pair counts (count 2 where two branches give it, in multiset mode) and -inf
+  elsewhere: exact for every pattern, O(N^2) memory, the simplest correct way.
 - `flex`: FlexAttention (compiled) with the BlockMask spattn exports for the pattern. FlexAttention
   holds one 0/1 mask, so it computes the *union* of overlapping branches.
 - `gather_sdpa_scatter`: the official LongNet approach. Per dilated branch and head offset it
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 
 import spattn
 from spattn.compiler.layouts import flex_mask_mod
+from spattn.patterns.counting import branch_mask
 from spattn.patterns.geometry import Dense, Dilated, resolve
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -37,6 +41,33 @@ def dense_sdpa(causal: bool) -> Attention:
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return run
+
+
+def pattern_bias(pattern: spattn.Pattern, seq_len: int, heads: int) -> torch.Tensor:
+    """(1, H, N, N) float32: log of how many times each pair counts, -inf where it does not."""
+    counts = torch.zeros(heads, seq_len, seq_len)
+    for head in range(heads):
+        masks = [branch_mask(g, head, seq_len, pattern.causal)
+                 for g in resolve(pattern, seq_len, heads)]
+        if pattern.overlap == "union":
+            counts[head] = torch.stack(masks).any(0).float()
+        else:
+            counts[head] = torch.stack(masks).sum(0, dtype=torch.float32)
+    return counts.log().unsqueeze(0)
+
+
+def masked_sdpa(pattern: spattn.Pattern, seq_len: int, heads: int,
+                device: torch.device) -> Attention:
+    bias = pattern_bias(pattern, seq_len, heads).to(device)
+    scale = pattern.softmax_scale
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        return out.nan_to_num(0.0)  # a query with no key: 0, as SEMANTICS.md says
 
     return run
 

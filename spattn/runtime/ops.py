@@ -19,6 +19,7 @@ rowsum(dO * O) already account for the sink, and dt_h = -sum_p exp(t_h - LSE_p) 
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import lru_cache
 
 import torch
 
@@ -64,8 +65,15 @@ def dense_causality(key: str, heads: int, kv_heads: int, n: int, head_dim: int,
     """Whether a call of this shape is plain dense attention (every pair once: a dense or causal
     pattern, a window wider than the sequence), and then whether causal; else None. Such a
     call is exactly `scaled_dot_product_attention`, and runs as it."""
+    return _dense_causality(key, heads, kv_heads, n, head_dim, scale, costs.current())
+
+
+@lru_cache(maxsize=256)
+def _dense_causality(key: str, heads: int, kv_heads: int, n: int, head_dim: int, scale: float,
+                     model: costs.CostModel) -> bool | None:
+    """dense_causality, once per call shape and cost model (it resolves the pattern)."""
     problem = _problem_of(key, heads, kv_heads, n, scale)
-    dense = torch_backend._dense(torch_backend.plan(problem, head_dim, costs.current()), problem)
+    dense = torch_backend._dense(torch_backend.plan(problem, head_dim, model), problem)
     return None if dense is None else dense.pieces[0].causal
 
 
