@@ -42,15 +42,19 @@ PEERS = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu_peers.py
 def test_cpu_peers_runs_end_to_end_and_says_which_peers_compute_the_pattern(tmp_path):
     done = subprocess.run(
         [sys.executable, str(PEERS), "--seq-lens", "512", "--cases", "longnet-lm/16",
-         "dense-causal", "--peers", "dense SDPA", "gather", "--repeats", "1", "--results",
+         "dense-causal", "--peers", "dense SDPA", "masked SDPA", "gather", "--repeats", "1",
+         "--results",
          str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = (tmp_path / "cpu_peers.csv").read_text().splitlines()
     assert lines[0].startswith("# ") and "threads" in lines[0]
     rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
     same = {(r["case"], r["pass"], r["method"]): r["same"] for r in rows}
-    # gather computes longnet-lm exactly, dense SDPA does not; both compute dense-causal
+    # gather and masked SDPA (log 2 where two branches give a pair) compute longnet-lm
+    # exactly, dense SDPA does not; all three compute dense-causal
     assert same["longnet-lm/16", "fwd", "gather"] == "yes"
+    assert same["longnet-lm/16", "fwd", "masked SDPA"] == "yes"
+    assert same["dense-causal", "fwd+bwd", "masked SDPA"] == "yes"
     assert same["longnet-lm/16", "fwd", "dense SDPA"] == "no"
     assert same["dense-causal", "fwd+bwd", "dense SDPA"] == "yes"
     assert all(float(r["ms"]) > 0 for r in rows if r["ms"])

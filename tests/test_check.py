@@ -117,6 +117,24 @@ def test_fp16_on_sm_80_uses_mma():
     assert result.ok and result.tensor_core == "mma", result
 
 
+def test_float32_window_backward_fits_sm_80_registers():
+    """The table's configuration for bigbird's window rows backward (float32, head dim 128, its
+    union predicate compiled in) on sm_80: the kernel that spilled at 255 registers with one
+    pipeline stage fits with two."""
+    from spattn.patterns.loader import load_pattern
+
+    pattern = load_pattern("bigbird")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "bigbird.py"
+        module = aot.load_module(aot.render(pattern, "bigbird"), path)
+        specs = [s for s in aot.specializations(pattern, module, "sm_80", ("fp32",), (128,))
+                 if s.kernel == "_window_rows" and s.mode == "bwd"]
+        assert specs
+        results = aot.compile_specs(specs, path, "sm_80")
+    for spec, result in zip(specs, results, strict=True):
+        assert result.ok and result.spills == 0 and result.tensor_core == "mma", (spec, result)
+
+
 @pytest.mark.parametrize("argv", [
     ["--target", "sm_75"],
     ["--target", "sm_90", "--dtype", "fp8"],
