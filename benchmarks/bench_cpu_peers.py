@@ -5,7 +5,8 @@
 
 Cases: every built-in at full size, and the long-segment ones scaled to short contexts (every
 segment and window divided by 8 or 16, as `spattn inspect --scale` does). Methods, in one process
-and interleaved call by call (best of --repeats after a warm-up), fp32, B=1, H=4, D=64:
+and interleaved call by call (best of --repeats after a warm-up; cells of short calls get more
+rounds, up to 40, about a second of each method), fp32, B=1, H=4, D=64:
 
 - spattn: `spattn.attention` (the PyTorch backend and its planned calls);
 - dense SDPA: `scaled_dot_product_attention` with `is_causal`, the pattern's causality;
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import platform
 import sys
 import time
@@ -50,6 +52,8 @@ PEERS = ("dense SDPA", "masked SDPA", "gather", "flex")
 B, H, D = 1, 4, 64
 DENSE_GFLOPS = 40.0  # this machine's dense SDPA rate, for skipping calls past the budget
 FLEX_MAX_N = 4096  # compiled FlexAttention on CPU takes 25-40 s a call at 16K
+SHORT_CELL_S = 1.0  # seconds of calls per method, at least, in a cell of short calls
+MAX_ROUNDS = 40
 MASKED_MAX_N = 4096  # masked SDPA's (1, H, N, N) float mask: 256 MB at 4K, 4 GB at 16K
 SCALED = {"longnet-lm": 16, "longnet-geometric": 16, "longvit": 16, "sliding-window": 8,
           "sink-window": 8}
@@ -117,15 +121,21 @@ def measure(case: str, pattern: spattn.Pattern, n: int, backward: bool, repeats:
         return [dict(case=case, seq_len=n, method=name, ms="", spattn_over_method="", same=why,
                      useful_gflops="", **{"pass": "fwd+bwd" if backward else "fwd"})
                 for name, why in found.items() if name != "spattn"]
-    outputs = {}
+    outputs, first = {}, {}
     for name, fn in list(timed.items()):  # warm-up (compiles), and the outputs compared
         try:
             outputs[name] = _call(fn, q, k, v, grad, backward).detach()
+            start = time.perf_counter()
+            _call(fn, q, k, v, grad, backward)
+            first[name] = time.perf_counter() - start
         except Exception as error:  # a peer that cannot run this case: say why, go on
             found[name] = f"failed: {type(error).__name__}"
             del timed[name]
+    # short calls get more rounds (about SHORT_CELL_S of each method), so that the best of
+    # them is not one lucky or unlucky call on a shared machine
+    rounds = max(repeats, min(MAX_ROUNDS, math.ceil(SHORT_CELL_S / max(first.values()))))
     times: dict[str, list[float]] = {name: [] for name in timed}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, fn in timed.items():
             start = time.perf_counter()
             _call(fn, q, k, v, grad, backward)
@@ -250,7 +260,8 @@ def main() -> None:
         with open(csv_path, "w", newline="") as f:
             f.write(f"# {platform.machine()}, {torch.get_num_threads()} threads, torch "
                     f"{torch.__version__}, spattn {spattn.__version__}, B={B} H={H} D={D} "
-                    f"float32; best of {args.repeats} after a warm-up, interleaved\n")
+                    f"float32; best of {args.repeats} (short cells: up to {MAX_ROUNDS}) after a "
+                    f"warm-up, interleaved\n")
             csv.DictWriter(f, FIELDS).writeheader()
     for case in chosen:
         for n in args.seq_lens:
