@@ -135,8 +135,9 @@ def measure(case: str, pattern: spattn.Pattern, n: int, backward: bool, repeats:
     # them is not one lucky or unlucky call on a shared machine
     rounds = max(repeats, min(MAX_ROUNDS, math.ceil(SHORT_CELL_S / max(first.values()))))
     times: dict[str, list[float]] = {name: [] for name in timed}
-    for _ in range(rounds):
-        for name, fn in timed.items():
+    order = list(timed.items())
+    for round_ in range(rounds):  # each round starts with the next method: no fixed position
+        for name, fn in order[round_ % len(order):] + order[:round_ % len(order)]:
             start = time.perf_counter()
             _call(fn, q, k, v, grad, backward)
             times[name].append(time.perf_counter() - start)

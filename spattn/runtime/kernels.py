@@ -51,10 +51,15 @@ class Mask:
     allowed: torch.Tensor
     bias: torch.Tensor  # (1, S or 1, Mq, Mk): 0 or -inf, in the inputs' dtype
     empty_rows: torch.Tensor  # (1, S or 1, Mq): True where a row has no allowed key
+    any_empty: bool = True  # whether some row has no allowed key (else LSE needs no fix)
 
     @staticmethod
-    def of(allowed: torch.Tensor, dtype: torch.dtype) -> Mask:
-        return Mask(allowed, _additive(allowed, dtype), ~allowed.any(-1).unsqueeze(0))
+    def of(allowed: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None) -> Mask:
+        """The mask of `allowed` pairs, with `bias` (the additive form, 0 or -inf where not
+        given: a multiset's log(count) otherwise)."""
+        empty = ~allowed.any(-1).unsqueeze(0)
+        bias = _additive(allowed, dtype) if bias is None else bias
+        return Mask(allowed, bias, empty, bool(empty.any()))
 
     @property
     def nbytes(self) -> int:
@@ -80,7 +85,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, caus
             q, k, v, 0.0, causal, attn_mask=None if mask is None else mask.bias, scale=scale)
     else:
         out, lse = _math_forward(q, k, v, scale, causal, None if mask is None else mask.allowed)
-    if mask is not None:  # the fused kernel reports LSE = 0 for rows with nothing allowed
+    if mask is not None and mask.any_empty:  # the fused kernel reports LSE = 0 for them
         lse = lse.masked_fill(mask.empty_rows, float("-inf"))
     return out, lse
 

@@ -52,8 +52,11 @@ def _problem(key: str, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch_
     return _problem_of(key, q.shape[1], k.shape[1], q.shape[2], scale)
 
 
+@lru_cache(maxsize=256)
 def _problem_of(key: str, heads: int, kv_heads: int, n: int, scale: float
                 ) -> torch_backend.Problem:
+    """One Problem object per call shape: the plan's and the masks' caches then find it by
+    identity instead of comparing every branch's geometry (hundreds of microseconds a call)."""
     pattern = _PATTERNS[key]
     return torch_backend.Problem(
         branches=resolve(pattern, n, heads), seq_len=n, heads=heads, kv_heads=kv_heads,
@@ -90,10 +93,9 @@ def merge_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor
     return (out.to(lse.dtype) * weight.unsqueeze(-1)).to(out.dtype), merged
 
 
-@torch.library.custom_op("spattn::attention_forward", mutates_args=())
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      sinks: torch.Tensor | None, key: str, scale: float, backend: str
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
+             key: str, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O, LSE) of a registered pattern on `backend`: the forward op's body."""
     if backend == "triton":
         out, lse = triton_backend.compiled_module(_PATTERNS[key]).attention_with_lse(
             q, k, v, scale=scale)
@@ -102,6 +104,13 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if sinks is not None:
         out, lse = merge_sinks(out, lse, sinks)
     return out, lse
+
+
+@torch.library.custom_op("spattn::attention_forward", mutates_args=())
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      sinks: torch.Tensor | None, key: str, scale: float, backend: str
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, sinks, key, scale, backend)
 
 
 @attention_forward.register_fake
@@ -156,5 +165,10 @@ attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str, scale: float,
               backend: str, sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """The differentiable output of `backend` for a registered pattern."""
+    """The differentiable output of `backend` for a registered pattern. A call that needs no
+    gradient, outside torch.compile, runs the op's body directly: the custom op's dispatch and
+    autograd wrapping cost a few hundred microseconds a call and would add nothing."""
+    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, sinks))):
+        return _forward(q, k, v, sinks, key, scale, backend)[0]
     return attention_forward(q, k, v, sinks, key, scale, backend)[0]

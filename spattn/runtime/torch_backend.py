@@ -90,7 +90,7 @@ def _whole_mask(problem: Problem, device: torch.device, dtype: torch.dtype) -> M
         counts = pair_counts(problem.branches, problem.seq_len, problem.heads, problem.causal,
                              problem.union, device, _accum_dtype(dtype))  # log 2 to the digit
         allowed = counts > 0
-        return Mask(allowed, counts.log().to(dtype).unsqueeze(0), ~allowed.any(-1).unsqueeze(0))
+        return Mask.of(allowed, dtype, counts.log().to(dtype).unsqueeze(0))
 
     return _kept((problem, str(device), dtype), build)
 
