@@ -46,7 +46,9 @@ def dense_sdpa(causal: bool) -> Attention:
 
 
 def pattern_bias(pattern: spattn.Pattern, seq_len: int, heads: int) -> torch.Tensor:
-    """(1, H, N, N) float32: log of how many times each pair counts, -inf where it does not."""
+    """(1, H, N, N) float32: log of how many times each pair counts, -inf where it does not.
+    Written from the branches' own masks rather than with the runtime's `pair_counts`, which
+    spattn's dense masked plan uses: a peer that shared it could not catch its mistakes."""
     counts = torch.zeros(heads, seq_len, seq_len)
     for head in range(heads):
         masks = [branch_mask(g, head, seq_len, pattern.causal)

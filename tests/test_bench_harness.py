@@ -43,8 +43,7 @@ def test_cpu_peers_runs_end_to_end_and_says_which_peers_compute_the_pattern(tmp_
     done = subprocess.run(
         [sys.executable, str(PEERS), "--seq-lens", "512", "--cases", "longnet-lm/16",
          "dense-causal", "--peers", "dense SDPA", "masked SDPA", "gather", "--repeats", "1",
-         "--results",
-         str(tmp_path)], capture_output=True, text=True, timeout=600)
+         "--results", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = (tmp_path / "cpu_peers.csv").read_text().splitlines()
     assert lines[0].startswith("# ") and "threads" in lines[0]

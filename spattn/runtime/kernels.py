@@ -51,7 +51,7 @@ class Mask:
     allowed: torch.Tensor
     bias: torch.Tensor  # (1, S or 1, Mq, Mk): 0 or -inf, in the inputs' dtype
     empty_rows: torch.Tensor  # (1, S or 1, Mq): True where a row has no allowed key
-    any_empty: bool = True  # whether some row has no allowed key (else LSE needs no fix)
+    any_empty: bool  # whether some row has no allowed key (else LSE needs no fix)
 
     @staticmethod
     def of(allowed: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None) -> Mask:
