@@ -8,12 +8,14 @@ import math
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from test_attention import check_backend, problems
+from hypothesis import strategies as st
+from test_attention import check_backend, problems, with_heads
 
 import spattn
 from spattn.patterns.geometry import resolve
 from spattn.runtime import costs, torch_backend
 from spattn.runtime.costs import CostModel, busiest_pairs
+from spattn.runtime.pieces import nested_pairs
 
 # a model that stacks every group it can, and one that never stacks (each piece its own call);
 # with DENSE allowed, ALWAYS also turns every short call into one dense masked call
@@ -67,7 +69,9 @@ LONGNET = spattn.Pattern.model_validate({
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
 def test_strategies_on_a_dilated_schedule(model, kv_heads, monkeypatch):
     """Head offsets differ per head: stacking gathers rows (a copy); the dense segments read the
-    same rows on every head: folded into one view when K has every head."""
+    same rows on every head: folded into one view when K has every head (unless they share
+    pairs with the next branch, tested below)."""
+    monkeypatch.setattr(torch_backend, "SHARE_PAIRS", "never")
     plan = _check(LONGNET, (2, 4, kv_heads, 100, 8), model, monkeypatch)
     strategies = {b.strategy for b in plan}
     assert ("heads folded (view)" in strategies) == (kv_heads == 4)
@@ -182,3 +186,75 @@ def test_a_plain_dense_call_is_torchs_own_attention(name, n, dense, monkeypatch)
     for g, w in zip(torch.autograd.grad(out, (q, k, v), grad),
                     torch.autograd.grad(want, (q, k, v), grad), strict=True):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
+@st.composite
+def nested_schedules(draw):
+    """LongNet-like schedules: dilated branches whose segment and dilation double (so each
+    nests in the one before, when offsets and phases allow), now and then with a branch of
+    another kind among them, custom offsets or a branch for some heads only."""
+    kv_heads = draw(st.sampled_from([1, 2]))
+    heads = kv_heads * draw(st.sampled_from([1, 2, 3]))
+    segment, dilation = draw(st.integers(1, 12)), draw(st.integers(1, 3))
+    branches = []
+    for level in range(draw(st.integers(2, 4))):
+        branch = {"segment": segment << level, "dilation": dilation << level}
+        if draw(st.integers(0, 4)) == 0:
+            branch["offsets"] = draw(st.lists(st.integers(0, (dilation << level) - 1),
+                                              min_size=heads, max_size=heads))
+        branches.append(draw(with_heads(branch, heads)) if draw(st.integers(0, 4)) == 0
+                        else branch)
+    if draw(st.booleans()):
+        other = draw(st.sampled_from([{"window": {"size": 5}}, {"global": {"tokens": [0, 3]}},
+                                      {"segment": 7, "dilation": 2}]))
+        branches.insert(draw(st.integers(0, len(branches))), other)
+    spec = {"name": "nested", "causal": draw(st.booleans()), "branches": branches,
+            "head_offsets": draw(st.sampled_from(["paper", "blocked"]))}
+    n = draw(st.integers(1, 70))
+    return spattn.Pattern.model_validate(spec), (draw(st.integers(1, 2)), heads, kv_heads, n,
+                                                 draw(st.sampled_from([1, 4, 8])))
+
+
+@settings(max_examples=80, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(nested_schedules())
+def test_shared_pairs_of_nested_branches_are_exact(monkeypatch, case):
+    """Pairs two nested branches both give, computed once with log 2 added (the outer branch's
+    mask) while the inner keeps the pairs between its halves: exact forward and backward,
+    every pair that nests shared."""
+    pattern, shape = case
+    monkeypatch.setattr(torch_backend, "SHARE_PAIRS", "always")
+    plan = _check(pattern, shape, costs.DEFAULT, monkeypatch)
+    problem = _problem(pattern, shape)
+    pairs = nested_pairs(problem.branches, problem.seq_len, problem.heads, problem.union)
+    doubled = [p for b in plan for p in b.pieces if p.twice is not None]
+    assert bool(doubled) == bool(pairs)
+
+
+def test_which_branches_nest():
+    lm = spattn.load_pattern("longnet-lm")
+    # 2048/1 and 4096/2 nest; 16384/6 and 32768/12 too up to 16K (one segment each), but at
+    # 16K their 2731-row segments pass TWICE_ROWS, and at 64K the second half's rows are out
+    # of phase (16384 is no multiple of 12); 8192/4 and 16384/6 never (6 is not 2 x 4)
+    expected = {4096: ((0, 1), (3, 4)), 16384: ((0, 1),), 65536: ((0, 1),)}
+    for n, want in expected.items():
+        assert nested_pairs(resolve(lm, n, 8), n, 8, union=False) == want
+    assert nested_pairs(resolve(lm, 16384, 8), 16384, 8, union=True) == ()
+
+    def pairs(branches: list[dict], n: int, heads: int = 4) -> tuple:
+        pattern = spattn.Pattern.model_validate({"name": "p", "branches": branches})
+        return nested_pairs(resolve(pattern, n, heads), n, heads, union=False)
+
+    assert pairs([{"segment": 12, "dilation": 3}, {"segment": 24, "dilation": 6}], 50) == \
+        ((0, 1),)
+    # 10 is no multiple of 6: the second half's rows are not every other one of the first's
+    assert pairs([{"segment": 10, "dilation": 3}, {"segment": 20, "dilation": 6}], 50) == ()
+    assert pairs([{"segment": 10, "dilation": 3}, {"segment": 20, "dilation": 6}], 10) == \
+        ((0, 1),)  # one segment each: nothing out of phase
+    # offsets that do not nest: head 1 keeps rows 1, 4, 7 ... of the outer and 0, 6 ... inner
+    assert pairs([{"segment": 12, "dilation": 3},
+                  {"segment": 24, "dilation": 6, "offsets": [0, 0, 2, 3]}], 50) == ()
+    # each branch in one pair at most; the first that nests wins
+    assert pairs([{"segment": 8, "dilation": 1}, {"segment": 16, "dilation": 2},
+                  {"segment": 32, "dilation": 4}, {"segment": 64, "dilation": 8}], 200) == \
+        ((0, 1), (2, 3))

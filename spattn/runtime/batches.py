@@ -14,14 +14,16 @@ rows by log-sum-exp, in any order.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
 from spattn.patterns.geometry import Geometry
 from spattn.runtime import costs
+from spattn.runtime.kernels import Mask
 from spattn.runtime.pieces import MASK_BUDGET, Piece
 
 
@@ -46,10 +48,37 @@ class Batch:
     def mask_tensor(self, device: torch.device | str) -> torch.Tensor | None:
         """Allowed pairs for the call: the pieces' one mask when they share it (broadcast over
         heads and segments), else each piece's for its segments, stacked like the rows."""
+        return self._stacked(Piece.mask_tensor, device)
+
+    def mask(self, device: torch.device | str, dtype: torch.dtype) -> Mask | None:
+        """The call's mask: its allowed pairs, and log 2 added where a pair counts twice."""
+        allowed = self.mask_tensor(device)
+        twice = self._stacked(Piece.twice_tensor, device)
+        if twice is None:
+            return None if allowed is None else Mask.of(allowed, dtype)
+        if allowed is None:
+            allowed = torch.ones_like(twice)
+        bias = torch.zeros(twice.shape, dtype=dtype, device=twice.device)
+        bias.masked_fill_(twice, math.log(2)).masked_fill_(~allowed, -math.inf)
+        return Mask.of(allowed, dtype, bias.unsqueeze(0))
+
+    def mask_key(self) -> tuple:
+        """What the call's mask depends on: batches whose pieces read one segment's worth of
+        the same predicates at the same positions share it (heads of one offset class)."""
         first = self.pieces[0]
-        if first.mask is None or _same(self.pieces):
-            return first.mask_tensor(device)
-        return torch.cat([p.mask_tensor(device).expand(p.q.nseg, -1, -1) for p in self.pieces])
+        if first.shared_mask and _same(self.pieces):
+            return first.q.segments(0, 1), first.k.segments(0, 1), first.mask, first.twice
+        return (self,)
+
+    def _stacked(self, tensor: Callable[[Piece, torch.device | str], torch.Tensor | None],
+                 device: torch.device | str) -> torch.Tensor | None:
+        if _same(self.pieces):
+            return tensor(self.pieces[0], device)
+        parts = [tensor(p, device) for p in self.pieces]
+        if parts[0] is None:
+            return None
+        return torch.cat([t.expand(p.q.nseg, -1, -1) for t, p in zip(parts, self.pieces,
+                                                                      strict=True)])
 
     def describe(self) -> str:
         if self.whole:
@@ -59,6 +88,8 @@ class Batch:
             heads = f"{len(self.pieces)} head{'s' if len(self.pieces) > 1 else ''}"
             shape = f"{p.q.nseg} x ({p.q.count} x {p.k.count})"
             kind = "causal" if p.causal else "masked" if p.mask is not None else "full"
+            if p.twice is not None:  # pairs two nested branches give, computed once
+                kind += ", shared x2"
         return f"{self.strategy:<20} {heads:<9} {shape:<24} {kind:<6} {self.why}"
 
 
@@ -66,18 +97,19 @@ def _shape(piece: Piece) -> tuple:
     """Pieces with equal shapes can share a call: rows per segment, segments, causality, and
     whether a mask says which pairs count."""
     q, k = piece.q, piece.k
-    return q.count, q.nseg, k.count, k.nseg, piece.causal, piece.mask is None
+    return q.count, q.nseg, k.count, k.nseg, piece.causal, piece.mask is None, piece.twice is None
 
 
 def _same(pieces: Sequence[Piece]) -> bool:
     """The same rows and the same mask (one predicate object) on every piece."""
     first = pieces[0]
-    return all(p.q == first.q and p.k == first.k and p.mask is first.mask for p in pieces)
+    return all(p.q == first.q and p.k == first.k and p.mask is first.mask
+               and p.twice is first.twice for p in pieces)
 
 
 def _mask_elements(pieces: Sequence[Piece]) -> int:
     """Mask elements a stacked batch would build: one mask when all pieces share it."""
-    if pieces[0].mask is None:
+    if not pieces[0].masked:
         return 0
     if _same(pieces):
         p = pieces[0]
@@ -104,7 +136,7 @@ def plan_batches(pieces: tuple[Piece, ...], heads: int, kv_heads: int, seq_len: 
     for group in order:
         folded = len(group) == heads and heads == kv_heads and _same(group)
         p = group[0]
-        shape = (p.q.count, p.k.count, p.causal, head_dim, p.mask is not None)
+        shape = (p.q.count, p.k.count, p.causal, head_dim, p.masked)
         one = model.call(p.q.nseg, *shape) + model.merge([p], head_dim)  # one piece alone
         if folded:
             # one merge over every head's rows

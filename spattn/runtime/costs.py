@@ -92,7 +92,7 @@ class CostModel:
         """Predicted microseconds of the same-shape pieces run one call each, and stacked into
         one call (the rows of q, k and v of every piece copied first)."""
         p = pieces[0]
-        args = (p.q.count, p.k.count, p.causal, head_dim, p.mask is not None)
+        args = (p.q.count, p.k.count, p.causal, head_dim, p.masked)
         separate = len(pieces) * self.call(p.q.nseg, *args)
         rows = sum(x.q.count * x.q.nseg + 2 * x.k.count * x.k.nseg for x in pieces)
         copy_us = rows * head_dim * item_bytes / (self.copy_gbps * 1e3)

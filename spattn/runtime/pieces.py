@@ -2,9 +2,10 @@
 merge is the pattern's output.
 
 Every allowed (head, query, key) triple lies in exactly one piece (in `multiset` mode a triple
-allowed by two branches lies in two, and counts twice, as SEMANTICS.md says). A piece is one head,
-`nseg` equal-shaped problems (query rows x key rows), and optionally a mask predicate over token
-positions, built only for the piece's own rows, so memory stays linear in N.
+allowed by two branches lies in two, and counts twice, as SEMANTICS.md says, or in one piece
+that adds log 2 to its score: see `nested_pairs`). A piece is one head, `nseg` equal-shaped
+problems (query rows x key rows), and optionally a mask predicate over token positions, built
+only for the piece's own rows, so memory stays linear in N.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from spattn.runtime.rows import Rows
 MaskFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 MASK_BUDGET = 1 << 24  # mask elements one piece may materialize before it is split
+TWICE_ROWS = 2048  # segment rows of a branch whose pairs a nested branch may share (a mask)
 
 
 @dataclass(frozen=True)
@@ -33,32 +35,47 @@ class Piece:
     mask: MaskFn | None = None  # when set, it alone says which pairs count (causal included)
     shared_mask: bool = False  # the mask is the same for every segment (translation-invariant)
     fresh: bool = False  # no earlier piece of this head wrote these query rows: no merge needed
+    twice: MaskFn | None = None  # pairs that count twice (two nested branches give them)
+
+    @property
+    def masked(self) -> bool:
+        """Whether the call needs a mask (pairs not allowed, or counted twice)."""
+        return self.mask is not None or self.twice is not None
 
     def mask_tensor(self, device: torch.device | str) -> torch.Tensor | None:
         """Allowed pairs, (nseg or 1, Mq, Mk) bool, or None when every pair counts."""
-        if self.mask is None:
-            return None
+        return None if self.mask is None else self._predicate(self.mask, device)
+
+    def twice_tensor(self, device: torch.device | str) -> torch.Tensor | None:
+        """Pairs that count twice, (nseg or 1, Mq, Mk) bool, or None when none does."""
+        return None if self.twice is None else self._predicate(self.twice, device)
+
+    def _predicate(self, fn: MaskFn, device: torch.device | str) -> torch.Tensor:
         q, k = self.q, self.k
         if self.shared_mask:
             q, k = q.segments(0, 1), k.segments(0, 1)
-        return self.mask(q.positions(device)[:, :, None], k.positions(device)[:, None, :])
+        return fn(q.positions(device)[:, :, None], k.positions(device)[:, None, :])
 
 
 def _causal(qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
     return kpos <= qpos
 
 
-def _dilated(g: Dilated, n: int, head: int, causal: bool) -> Iterator[Piece]:
+def _dilated_rows(g: Dilated, n: int, head: int) -> Iterator[Rows]:
+    """The head's rows of every whole segment (one strided view), then of the shorter last one."""
     s = g.offsets[head]
     full = n // g.segment
     m = g.rows_in(g.segment, s)
     if full and m:
-        rows = Rows(s, m, g.dilation, full, g.segment)
-        yield Piece(head, rows, rows, causal=causal)
+        yield Rows(s, m, g.dilation, full, g.segment)
     tail_start = full * g.segment
     m = g.rows_in(n - tail_start, s)
     if m:
-        rows = Rows(tail_start + s, m, g.dilation)
+        yield Rows(tail_start + s, m, g.dilation)
+
+
+def _dilated(g: Dilated, n: int, head: int, causal: bool) -> Iterator[Piece]:
+    for rows in _dilated_rows(g, n, head):
         yield Piece(head, rows, rows, causal=causal)
 
 
@@ -213,9 +230,13 @@ def _split(piece: Piece, budget: int) -> Iterator[Piece]:
 
 
 def plan_pieces(branches: tuple[Geometry, ...], n: int, heads: int, causal: bool, union: bool,
-                budget: int = MASK_BUDGET, divisor: int = 8) -> list[Piece]:
+                budget: int = MASK_BUDGET, divisor: int = 8,
+                shared: tuple[tuple[int, int], ...] = ()) -> list[Piece]:
     """All pieces of a resolved pattern, head by head, in branch order; windows of W tokens in
-    chunks of about W / divisor queries."""
+    chunks of about W / divisor queries; the pairs of each `shared` pair of branches (from
+    `nested_pairs`) that both give computed once."""
+    if union and shared:
+        raise ValueError("a union counts shared pairs once: nothing to share")
     pieces = []
     for head in range(heads):
         written = torch.zeros(n, dtype=torch.bool)  # query rows some earlier piece wrote
@@ -223,7 +244,7 @@ def plan_pieces(branches: tuple[Geometry, ...], n: int, heads: int, causal: bool
             if not g.applies(head):  # a branch for other heads
                 continue
             earlier = tuple(e for e in branches[:i] if e.applies(head))
-            for piece in branch_pieces(g, n, head, causal, divisor):
+            for piece in _pieces_sharing(branches, i, shared, n, head, causal, divisor):
                 if not piece.q.count or not piece.k.count:
                     continue
                 if union and earlier:
@@ -234,3 +255,88 @@ def plan_pieces(branches: tuple[Geometry, ...], n: int, heads: int, causal: bool
                     written[rows] = True
                     pieces.append(replace(part, fresh=bool(fresh)))
     return pieces
+
+
+# --- pairs two nested dilated branches both give ---------------------------------------------
+
+
+def nested_pairs(branches: tuple[Geometry, ...], n: int, heads: int, union: bool
+                 ) -> tuple[tuple[int, int], ...]:
+    """(a, b): dilated branches where b nests in the earlier a, each branch in one pair at most.
+
+    b nests in a when its dilation is twice a's, each of its segments is one or two of a's, and
+    on every head both apply to, b's rows inside each of a's segments are every other one of a's
+    rows there. Then b's pairs inside one of a's segments are pairs of a too, counted twice
+    (multiset): a's call adds log 2 to their scores (a mask, the same for every segment), and b
+    keeps only the pairs between the two halves of its segments, a plain rectangle. LongNet's
+    schedules nest this way (2048/1 and 4096/2, ...). The mask holds a's segment rows squared:
+    pairs whose segments pass TWICE_ROWS rows are not shared.
+    """
+    if union:
+        return ()
+    used: set[int] = set()
+    pairs = []
+    for i, a in enumerate(branches):
+        for j in range(i + 1, len(branches)):
+            if i not in used and j not in used and _nests(a, branches[j], n, heads):
+                pairs.append((i, j))
+                used |= {i, j}
+    return tuple(pairs)
+
+
+def _nests(a: Geometry, b: Geometry, n: int, heads: int) -> bool:
+    if not (isinstance(a, Dilated) and isinstance(b, Dilated)) or b.dilation != 2 * a.dilation:
+        return False
+    if max(a.rows_in(a.segment, o) for o in a.offsets) > TWICE_ROWS:
+        return False
+    # each of b's segments is one of a's, or two (the second maybe short) whose rows are in phase
+    two = b.segment == min(2 * a.segment, n) > a.segment and a.segment % b.dilation == 0
+    if b.segment != a.segment and not two:
+        return False
+    heads_of_both = [h for h in range(heads) if a.applies(h) and b.applies(h)]
+    return bool(heads_of_both) and all(b.offsets[h] % a.dilation == a.offsets[h]
+                                       for h in heads_of_both)
+
+
+def _pieces_sharing(branches: tuple[Geometry, ...], i: int, shared: tuple[tuple[int, int], ...],
+                    n: int, head: int, causal: bool, divisor: int) -> Iterator[Piece]:
+    """Branch i's pieces for one head: as `branch_pieces`, unless it is one of a shared pair
+    that both apply to this head. Then the outer branch's pieces count the inner branch's pairs
+    in them twice, and the inner branch keeps only the pairs between its segments' halves."""
+    for a, b in shared:
+        outer, inner = branches[a], branches[b]
+        if i in (a, b) and outer.applies(head) and inner.applies(head):
+            assert isinstance(outer, Dilated) and isinstance(inner, Dilated)
+            if i == b:
+                return _across(inner, outer.segment, n, head, causal)
+            twice = _both_rows_of(inner.segment, inner.dilation, inner.offsets[head])
+            return (replace(p, twice=twice, shared_mask=True)
+                    for p in _dilated(outer, n, head, causal))
+    return branch_pieces(branches[i], n, head, causal, divisor)
+
+
+@lru_cache(maxsize=256)
+def _both_rows_of(segment: int, dilation: int, offset: int) -> MaskFn:
+    """Pairs whose query and key are both rows of a dilated branch (one object per branch and
+    offset, so heads with the same offset share a mask). The same for each of the outer
+    branch's segments: `_nests` checks that they start in phase."""
+    def both(qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        return ((qpos % segment) % dilation == offset) & ((kpos % segment) % dilation == offset)
+
+    return both
+
+
+def _across(g: Dilated, half: int, n: int, head: int, causal: bool) -> Iterator[Piece]:
+    """The inner branch's pairs between the two halves (`half` tokens each) of its segments;
+    its pairs within a half are the outer branch's (`_pieces_sharing`). Every key of the first half
+    precedes every query of the second: no mask, causal or not."""
+    if g.segment <= half:
+        return
+    for rows in _dilated_rows(g, n, head):
+        first = min(rows.count, g.rows_in(half, g.offsets[head]))
+        if first == rows.count:
+            continue
+        before, after = rows.chunk(0, first), rows.chunk(first, rows.count - first)
+        yield Piece(head, after, before)
+        if not causal:
+            yield Piece(head, before, after)

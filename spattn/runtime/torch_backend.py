@@ -22,11 +22,12 @@ from spattn.patterns.geometry import Geometry, Window
 from spattn.runtime import costs
 from spattn.runtime.batches import Batch, dense_masked, describe_plan, pair_counts, plan_batches
 from spattn.runtime.kernels import Mask, attend, attend_backward, unit_stride_rows
-from spattn.runtime.pieces import plan_pieces
+from spattn.runtime.pieces import nested_pairs, plan_pieces
 from spattn.runtime.rows import Rows
 
 DENSE_MASK_LIMIT = 1 << 24  # (head, query, key) entries of a whole-call mask
 WINDOW_DIVISORS = (8, 4, 2, 1)  # window chunks of W/8 .. W queries, as the model prefers
+SHARE_PAIRS = "model"  # nested branches' common pairs computed once: "model", "always", "never"
 
 
 @dataclass(frozen=True)
@@ -46,29 +47,67 @@ class Problem:
         return head // (self.heads // self.kv_heads)
 
 
-@lru_cache(maxsize=64)
 def plan(problem: Problem, head_dim: int, model: costs.CostModel, fused: bool = True
          ) -> tuple[Batch, ...]:
     """The batches of a call shape, built once per (problem, head dim, cost model). Windows are
-    cut in chunks of W/8, W/4, W/2 or W queries, whichever the model predicts fastest. With the
-    fused CPU kernel (`fused`), a short sequence may instead run as one dense call with a mask
-    (at most DENSE_MASK_LIMIT entries), when the model predicts that faster."""
+    cut in chunks of W/8, W/4, W/2 or W queries, and each pair of nested dilated branches
+    shares its common pairs or not, whichever the model predicts fastest. With the fused CPU
+    kernel (`fused`), a short sequence may instead run as one dense call with a mask (at most
+    DENSE_MASK_LIMIT entries), when the model predicts that faster."""
+    return _plan_of(problem, head_dim, model, fused, SHARE_PAIRS)
+
+
+@lru_cache(maxsize=64)
+def _plan_of(problem: Problem, head_dim: int, model: costs.CostModel, fused: bool, share: str
+             ) -> tuple[Batch, ...]:
+    """The plan built with SHARE_PAIRS as it is now (a key of the cache)."""
     windows = any(isinstance(g, Window) for g in problem.branches)
-    plans = []
-    for divisor in WINDOW_DIVISORS if windows else WINDOW_DIVISORS[:1]:
-        pieces = tuple(plan_pieces(problem.branches, problem.seq_len, problem.heads,
-                                   problem.causal, problem.union, divisor=divisor))
-        plans.append(plan_batches(pieces, problem.heads, problem.kv_heads, problem.seq_len,
-                                  head_dim, model))
-    best = min(plans, key=lambda batches: sum(b.cost_us for b in batches))
+    made: dict[tuple, tuple[Batch, ...]] = {}
+
+    def batches(divisor: int, shared: tuple[tuple[int, int], ...]) -> tuple[Batch, ...]:
+        if (divisor, shared) not in made:
+            pieces = tuple(plan_pieces(problem.branches, problem.seq_len, problem.heads,
+                                       problem.causal, problem.union, divisor=divisor,
+                                       shared=shared))
+            made[divisor, shared] = plan_batches(pieces, problem.heads, problem.kv_heads,
+                                                 problem.seq_len, head_dim, model)
+        return made[divisor, shared]
+
+    divisors = WINDOW_DIVISORS if windows else WINDOW_DIVISORS[:1]
+    divisor = min(divisors, key=lambda d: _cost(batches(d, ())))
+    best = batches(divisor, ())
+    # shared pairs add log 2 to their scores: a mask the fused kernel takes as it is
+    pairs = nested_pairs(problem.branches, problem.seq_len, problem.heads, problem.union) \
+        if fused else ()
+    if shared := _sharing(pairs, share, lambda s: _cost(batches(divisor, s))):
+        sharing = batches(divisor, shared)
+        best = sharing if share == "always" else min(best, sharing, key=_cost)
     n = problem.seq_len
     small = problem.heads * n * n <= DENSE_MASK_LIMIT
     if fused and small and best and _dense(best, problem) is None:
-        whole = dense_masked(problem.heads, n, problem.causal, head_dim, model,
-                             sum(b.cost_us for b in best))
-        if whole.cost_us < sum(b.cost_us for b in best):
+        whole = dense_masked(problem.heads, n, problem.causal, head_dim, model, _cost(best))
+        if whole.cost_us < _cost(best):
             return (whole,)
     return best
+
+
+def _cost(batches: tuple[Batch, ...]) -> float:
+    return sum(b.cost_us for b in batches)
+
+
+def _sharing(pairs: tuple[tuple[int, int], ...], share: str,
+             cost_of: Callable[[tuple[tuple[int, int], ...]], float]
+             ) -> tuple[tuple[int, int], ...]:
+    """Which nested pairs of branches share their common pairs: all or none where `share`
+    says so, else each pair where the model predicts the plan faster with it shared."""
+    if share != "model":
+        return pairs if share == "always" else ()
+    shared = pairs
+    for pair in pairs:
+        without = tuple(p for p in shared if p != pair)
+        if cost_of(without) <= cost_of(shared):
+            shared = without
+    return shared
 
 
 def describe(problem: Problem, head_dim: int) -> list[str]:
@@ -122,10 +161,9 @@ def _kept(key: tuple, build: Callable[[], Mask]) -> Mask:
 
 
 def _mask(batch: Batch, device: torch.device, dtype: torch.dtype) -> Mask | None:
-    if batch.pieces[0].mask is None:
+    if not batch.pieces[0].masked:
         return None
-    return _kept((batch, str(device), dtype),
-                 lambda: Mask.of(batch.mask_tensor(device), dtype))
+    return _kept((batch.mask_key(), str(device), dtype), lambda: batch.mask(device, dtype))
 
 
 def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -185,7 +223,7 @@ def _dense(batches: tuple[Batch, ...], problem: Problem) -> Batch | None:
     if len(batches) != 1 or not batches[0].folded:
         return None
     piece, whole = batches[0].pieces[0], Rows(0, problem.seq_len)
-    return batches[0] if piece.q == whole and piece.k == whole and piece.mask is None else None
+    return batches[0] if piece.q == whole and piece.k == whole and not piece.masked else None
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problem: Problem
