@@ -59,3 +59,18 @@ def test_cpu_peers_runs_end_to_end_and_says_which_peers_compute_the_pattern(tmp_
     assert all(float(r["ms"]) > 0 for r in rows if r["ms"])
     assert (tmp_path / "cpu_peers.png").stat().st_size > 0
     assert "spattn time / peer time" in done.stdout
+
+
+SHARING = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu_sharing.py"
+
+
+def test_cpu_sharing_times_each_way_of_planning(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(SHARING), "--seq-lens", "256", "--cases", "longnet-lm", "--repeats",
+         "1", "--results", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = (tmp_path / "cpu_sharing.csv").read_text().splitlines()
+    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
+    assert [(r["pass"], r["chains"]) for r in rows] == [("fwd", "((0, 1, 2), (3, 4))"),
+                                                        ("fwd+bwd", "((0, 1, 2), (3, 4))")]
+    assert all(float(r[f"{way}_ms"]) > 0 for r in rows for way in ("never", "always", "model"))

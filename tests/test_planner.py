@@ -15,7 +15,7 @@ import spattn
 from spattn.patterns.geometry import resolve
 from spattn.runtime import costs, torch_backend
 from spattn.runtime.costs import CostModel, busiest_pairs
-from spattn.runtime.pieces import nested_pairs
+from spattn.runtime.pieces import nested_chains
 
 # a model that stacks every group it can, and one that never stacks (each piece its own call);
 # with DENSE allowed, ALWAYS also turns every short call into one dense masked call
@@ -219,42 +219,47 @@ def nested_schedules(draw):
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(nested_schedules())
 def test_shared_pairs_of_nested_branches_are_exact(monkeypatch, case):
-    """Pairs two nested branches both give, computed once with log 2 added (the outer branch's
-    mask) while the inner keeps the pairs between its halves: exact forward and backward,
-    every pair that nests shared."""
+    """Pairs that nested branches give in common, computed once with log(count) added (the
+    first member's mask, and the later members' between their halves): exact forward and
+    backward, every chain that nests shared."""
     pattern, shape = case
     monkeypatch.setattr(torch_backend, "SHARE_PAIRS", "always")
     plan = _check(pattern, shape, costs.DEFAULT, monkeypatch)
     problem = _problem(pattern, shape)
-    pairs = nested_pairs(problem.branches, problem.seq_len, problem.heads, problem.union)
-    doubled = [p for b in plan for p in b.pieces if p.twice is not None]
-    assert bool(doubled) == bool(pairs)
+    chains = nested_chains(problem.branches, problem.seq_len, problem.heads, problem.union)
+    shared = [p for b in plan for p in b.pieces if p.also is not None]
+    assert bool(shared) == bool(chains)
 
 
 def test_which_branches_nest():
     lm = spattn.load_pattern("longnet-lm")
-    # 2048/1 and 4096/2 nest; 16384/6 and 32768/12 too up to 16K (one segment each), but at
-    # 16K their 2731-row segments pass TWICE_ROWS, and at 64K the second half's rows are out
-    # of phase (16384 is no multiple of 12); 8192/4 and 16384/6 never (6 is not 2 x 4)
-    expected = {4096: ((0, 1), (3, 4)), 16384: ((0, 1),), 65536: ((0, 1),)}
+    # 2048/1, 4096/2 and 8192/4 nest (a chain of MAX_CHAIN = 3); 16384/6 and 32768/12 too up
+    # to 16K (one segment each), but at 16K their 2731-row segments pass TWICE_ROWS, and at 64K
+    # the second half's rows are out of phase (16384 is no multiple of 12); 8192/4 and 16384/6
+    # never (6 is not 2 x 4)
+    expected = {4096: ((0, 1, 2), (3, 4)), 16384: ((0, 1, 2),), 65536: ((0, 1, 2),)}
     for n, want in expected.items():
-        assert nested_pairs(resolve(lm, n, 8), n, 8, union=False) == want
-    assert nested_pairs(resolve(lm, 16384, 8), 16384, 8, union=True) == ()
+        assert nested_chains(resolve(lm, n, 8), n, 8, union=False) == want
+    assert nested_chains(resolve(lm, 16384, 8), 16384, 8, union=True) == ()
 
-    def pairs(branches: list[dict], n: int, heads: int = 4) -> tuple:
+    def chains(branches: list[dict], n: int, heads: int = 4) -> tuple:
         pattern = spattn.Pattern.model_validate({"name": "p", "branches": branches})
-        return nested_pairs(resolve(pattern, n, heads), n, heads, union=False)
+        return nested_chains(resolve(pattern, n, heads), n, heads, union=False)
 
-    assert pairs([{"segment": 12, "dilation": 3}, {"segment": 24, "dilation": 6}], 50) == \
+    assert chains([{"segment": 12, "dilation": 3}, {"segment": 24, "dilation": 6}], 50) == \
         ((0, 1),)
     # 10 is no multiple of 6: the second half's rows are not every other one of the first's
-    assert pairs([{"segment": 10, "dilation": 3}, {"segment": 20, "dilation": 6}], 50) == ()
-    assert pairs([{"segment": 10, "dilation": 3}, {"segment": 20, "dilation": 6}], 10) == \
+    assert chains([{"segment": 10, "dilation": 3}, {"segment": 20, "dilation": 6}], 50) == ()
+    assert chains([{"segment": 10, "dilation": 3}, {"segment": 20, "dilation": 6}], 10) == \
         ((0, 1),)  # one segment each: nothing out of phase
     # offsets that do not nest: head 1 keeps rows 1, 4, 7 ... of the outer and 0, 6 ... inner
-    assert pairs([{"segment": 12, "dilation": 3},
-                  {"segment": 24, "dilation": 6, "offsets": [0, 0, 2, 3]}], 50) == ()
-    # each branch in one pair at most; the first that nests wins
-    assert pairs([{"segment": 8, "dilation": 1}, {"segment": 16, "dilation": 2},
-                  {"segment": 32, "dilation": 4}, {"segment": 64, "dilation": 8}], 200) == \
-        ((0, 1), (2, 3))
+    assert chains([{"segment": 12, "dilation": 3},
+                   {"segment": 24, "dilation": 6, "offsets": [0, 0, 2, 3]}], 50) == ()
+    # 8/4 nests in 4/2, but its rows are out of phase in 2/1's segments (2 is no multiple of
+    # 4): the chain stops at two
+    assert chains([{"segment": 2, "dilation": 1}, {"segment": 4, "dilation": 2},
+                   {"segment": 8, "dilation": 4}], 64) == ((0, 1),)
+    # at most MAX_CHAIN members; each branch in one chain
+    assert chains([{"segment": 8, "dilation": 1}, {"segment": 16, "dilation": 2},
+                   {"segment": 32, "dilation": 4}, {"segment": 64, "dilation": 8},
+                   {"segment": 128, "dilation": 16}], 200) == ((0, 1, 2), (3, 4))

@@ -42,6 +42,25 @@ class _OnHeads:
     def _allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    per_head = False  # whether `_allows` depends on the head
+
+    def allows_heads(self, heads: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        """`allows` for heads 0 .. heads-1 at once: (heads, *broadcast shape) bool, one
+        predicate for all heads where the kind does not depend on the head."""
+        if self.per_head:
+            allowed = torch.stack([self._allows(h, qpos, kpos) for h in range(heads)])
+        else:
+            one = self._allows(0, qpos, kpos)
+            allowed = one.expand(heads, *one.shape)
+        return self._on_heads_only(allowed)
+
+    def _on_heads_only(self, allowed: torch.Tensor) -> torch.Tensor:
+        if self.on_heads is None:
+            return allowed
+        heads = allowed.shape[0]
+        applies = torch.tensor([self.applies(h) for h in range(heads)], device=allowed.device)
+        return allowed & applies.view(heads, *[1] * (allowed.dim() - 1))
+
 
 @dataclass(frozen=True)
 class Dilated(_OnHeads):
@@ -62,6 +81,14 @@ class Dilated(_OnHeads):
     def _allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
         same_segment = (qpos // self.segment) == (kpos // self.segment)
         return same_segment & self.selects(head, qpos) & self.selects(head, kpos)
+
+    def allows_heads(self, heads: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        same_segment = (qpos // self.segment) == (kpos // self.segment)
+        offsets = torch.tensor(self.offsets[:heads], device=qpos.device)
+        offsets = offsets.view(heads, *[1] * same_segment.dim())
+        allowed = same_segment & ((qpos % self.segment) % self.dilation == offsets) \
+            & ((kpos % self.segment) % self.dilation == offsets)
+        return self._on_heads_only(allowed.expand(heads, *same_segment.shape))
 
 
 @dataclass(frozen=True)
@@ -116,6 +143,8 @@ class RandomBlocks(_OnHeads):
     heads: int
     causal: bool
     on_heads: frozenset[int] | None = None
+
+    per_head = True
 
     def table(self) -> torch.Tensor:
         """(heads, query blocks, blocks) int64 key blocks, -1 where a query block has fewer."""

@@ -46,8 +46,9 @@ def last_use(pattern: Pattern, heads: int, positions: np.ndarray) -> np.ndarray:
         if isinstance(g, Dilated):
             w, r = g.segment, g.dilation
             s = (k % w) % r
-            offsets = {o for h, o in enumerate(g.offsets) if g.applies(h)}  # its heads' rows
-            selected = np.isin(s, sorted(offsets))
+            selects = np.zeros(r, dtype=bool)  # the residue classes its heads keep
+            selects[[o for h, o in enumerate(g.offsets) if g.applies(h)]] = True
+            selected = selects[s]
             end = k - k % w + s + r * ((w - 1 - s) // r)  # the class's last row in the segment
             last = np.maximum(last, np.where(selected, end, -1))
         elif isinstance(g, Window):

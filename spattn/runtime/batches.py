@@ -51,15 +51,15 @@ class Batch:
         return self._stacked(Piece.mask_tensor, device)
 
     def mask(self, device: torch.device | str, dtype: torch.dtype) -> Mask | None:
-        """The call's mask: its allowed pairs, and log 2 added where a pair counts twice."""
+        """The call's mask: its allowed pairs, and log(1 + c) added where c more branches give
+        a pair (nested branches sharing their pairs)."""
         allowed = self.mask_tensor(device)
-        twice = self._stacked(Piece.twice_tensor, device)
-        if twice is None:
+        also = self._stacked(Piece.also_tensor, device)
+        if also is None:
             return None if allowed is None else Mask.of(allowed, dtype)
         if allowed is None:
-            allowed = torch.ones_like(twice)
-        bias = torch.zeros(twice.shape, dtype=dtype, device=twice.device)
-        bias.masked_fill_(twice, math.log(2)).masked_fill_(~allowed, -math.inf)
+            allowed = torch.ones(also.shape, dtype=torch.bool, device=also.device)
+        bias = also.to(dtype).log1p_().masked_fill_(~allowed, -math.inf)
         return Mask.of(allowed, dtype, bias.unsqueeze(0))
 
     def mask_key(self) -> tuple:
@@ -67,7 +67,7 @@ class Batch:
         the same predicates at the same positions share it (heads of one offset class)."""
         first = self.pieces[0]
         if first.shared_mask and _same(self.pieces):
-            return first.q.segments(0, 1), first.k.segments(0, 1), first.mask, first.twice
+            return first.q.segments(0, 1), first.k.segments(0, 1), first.mask, first.also
         return (self,)
 
     def _stacked(self, tensor: Callable[[Piece, torch.device | str], torch.Tensor | None],
@@ -88,8 +88,8 @@ class Batch:
             heads = f"{len(self.pieces)} head{'s' if len(self.pieces) > 1 else ''}"
             shape = f"{p.q.nseg} x ({p.q.count} x {p.k.count})"
             kind = "causal" if p.causal else "masked" if p.mask is not None else "full"
-            if p.twice is not None:  # pairs two nested branches give, computed once
-                kind += ", shared x2"
+            if p.also is not None:  # pairs nested branches give, computed once
+                kind += ", shared"
         return f"{self.strategy:<20} {heads:<9} {shape:<24} {kind:<6} {self.why}"
 
 
@@ -97,14 +97,14 @@ def _shape(piece: Piece) -> tuple:
     """Pieces with equal shapes can share a call: rows per segment, segments, causality, and
     whether a mask says which pairs count."""
     q, k = piece.q, piece.k
-    return q.count, q.nseg, k.count, k.nseg, piece.causal, piece.mask is None, piece.twice is None
+    return q.count, q.nseg, k.count, k.nseg, piece.causal, piece.mask is None, piece.also is None
 
 
 def _same(pieces: Sequence[Piece]) -> bool:
     """The same rows and the same mask (one predicate object) on every piece."""
     first = pieces[0]
     return all(p.q == first.q and p.k == first.k and p.mask is first.mask
-               and p.twice is first.twice for p in pieces)
+               and p.also is first.also for p in pieces)
 
 
 def _mask_elements(pieces: Sequence[Piece]) -> int:
@@ -168,9 +168,8 @@ def pair_counts(branches: tuple[Geometry, ...], n: int, heads: int, causal: bool
     pos = torch.arange(n, device=device)
     qpos, kpos = pos[:, None], pos[None, :]
     counts = torch.zeros((heads, n, n), dtype=dtype, device=device)
-    for h in range(heads):
-        for g in branches:
-            counts[h] += g.allows(h, qpos, kpos)
+    for g in branches:
+        counts += g.allows_heads(heads, qpos, kpos)
     if union:
         counts.clamp_(max=1)
     if causal:

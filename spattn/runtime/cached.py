@@ -39,9 +39,8 @@ def attend_cached(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         hi = min(t, lo + step)
         qpos = torch.arange(first + lo, first + hi, device=q.device)
         weight = torch.zeros((heads, hi - lo, m), dtype=acc, device=q.device)
-        for h in range(heads):
-            for g in branches:
-                weight[h] += g.allows(h, qpos[:, None], kpos[None, :])
+        for g in branches:
+            weight += g.allows_heads(heads, qpos[:, None], kpos[None, :])
         if pattern.overlap == "union":
             weight.clamp_(max=1)
         weight *= kpos[None, :] <= qpos[:, None]

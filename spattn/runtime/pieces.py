@@ -3,7 +3,7 @@ merge is the pattern's output.
 
 Every allowed (head, query, key) triple lies in exactly one piece (in `multiset` mode a triple
 allowed by two branches lies in two, and counts twice, as SEMANTICS.md says, or in one piece
-that adds log 2 to its score: see `nested_pairs`). A piece is one head, `nseg` equal-shaped
+that adds log 2 to its score: see `nested_chains`). A piece is one head, `nseg` equal-shaped
 problems (query rows x key rows), and optionally a mask predicate over token positions, built
 only for the piece's own rows, so memory stays linear in N.
 """
@@ -24,6 +24,7 @@ MaskFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 MASK_BUDGET = 1 << 24  # mask elements one piece may materialize before it is split
 TWICE_ROWS = 2048  # segment rows of a branch whose pairs a nested branch may share (a mask)
+MAX_CHAIN = 3  # nested branches sharing their pairs in one chain (masks grow with offset classes)
 
 
 @dataclass(frozen=True)
@@ -35,22 +36,22 @@ class Piece:
     mask: MaskFn | None = None  # when set, it alone says which pairs count (causal included)
     shared_mask: bool = False  # the mask is the same for every segment (translation-invariant)
     fresh: bool = False  # no earlier piece of this head wrote these query rows: no merge needed
-    twice: MaskFn | None = None  # pairs that count twice (two nested branches give them)
+    also: MaskFn | None = None  # how many more branches give each pair (nested: one call)
 
     @property
     def masked(self) -> bool:
         """Whether the call needs a mask (pairs not allowed, or counted twice)."""
-        return self.mask is not None or self.twice is not None
+        return self.mask is not None or self.also is not None
 
     def mask_tensor(self, device: torch.device | str) -> torch.Tensor | None:
         """Allowed pairs, (nseg or 1, Mq, Mk) bool, or None when every pair counts."""
         return None if self.mask is None else self._predicate(self.mask, device)
 
-    def twice_tensor(self, device: torch.device | str) -> torch.Tensor | None:
-        """Pairs that count twice, (nseg or 1, Mq, Mk) bool, or None when none does."""
-        return None if self.twice is None else self._predicate(self.twice, device)
+    def also_tensor(self, device: torch.device | str) -> torch.Tensor | None:
+        """How many more branches give each pair, (nseg or 1, Mq, Mk) int, or None."""
+        return None if self.also is None else self._predicate(self.also, device)
 
-    def _predicate(self, fn: MaskFn, device: torch.device | str) -> torch.Tensor:
+    def _predicate(self, fn: Callable, device: torch.device | str) -> torch.Tensor:
         q, k = self.q, self.k
         if self.shared_mask:
             q, k = q.segments(0, 1), k.segments(0, 1)
@@ -231,10 +232,10 @@ def _split(piece: Piece, budget: int) -> Iterator[Piece]:
 
 def plan_pieces(branches: tuple[Geometry, ...], n: int, heads: int, causal: bool, union: bool,
                 budget: int = MASK_BUDGET, divisor: int = 8,
-                shared: tuple[tuple[int, int], ...] = ()) -> list[Piece]:
+                shared: tuple[tuple[int, ...], ...] = ()) -> list[Piece]:
     """All pieces of a resolved pattern, head by head, in branch order; windows of W tokens in
-    chunks of about W / divisor queries; the pairs of each `shared` pair of branches (from
-    `nested_pairs`) that both give computed once."""
+    chunks of about W / divisor queries; the pairs the branches of each `shared` chain (from
+    `nested_chains`) give in common computed once."""
     if union and shared:
         raise ValueError("a union counts shared pairs once: nothing to share")
     pieces = []
@@ -257,79 +258,102 @@ def plan_pieces(branches: tuple[Geometry, ...], n: int, heads: int, causal: bool
     return pieces
 
 
-# --- pairs two nested dilated branches both give ---------------------------------------------
+# --- pairs that nested dilated branches share ------------------------------------------------
 
 
-def nested_pairs(branches: tuple[Geometry, ...], n: int, heads: int, union: bool
-                 ) -> tuple[tuple[int, int], ...]:
-    """(a, b): dilated branches where b nests in the earlier a, each branch in one pair at most.
+def nested_chains(branches: tuple[Geometry, ...], n: int, heads: int, union: bool
+                  ) -> tuple[tuple[int, ...], ...]:
+    """Chains of dilated branches, each nesting in the one before it; a branch in one at most.
 
     b nests in a when its dilation is twice a's, each of its segments is one or two of a's, and
     on every head both apply to, b's rows inside each of a's segments are every other one of a's
     rows there. Then b's pairs inside one of a's segments are pairs of a too, counted twice
-    (multiset): a's call adds log 2 to their scores (a mask, the same for every segment), and b
-    keeps only the pairs between the two halves of its segments, a plain rectangle. LongNet's
-    schedules nest this way (2048/1 and 4096/2, ...). The mask holds a's segment rows squared:
-    pairs whose segments pass TWICE_ROWS rows are not shared.
+    (multiset). Along a chain a, b, c: a's calls add log(1 + how many later members give the
+    pair) to its scores (a mask, the same for every segment), and each later member keeps only
+    the pairs between the two halves of its segments (a rectangle, masked the same way by the
+    members after it). LongNet's schedules nest this way (2048/1, 4096/2, 8192/4). A mask holds
+    a segment's rows squared, one per offset class: members past TWICE_ROWS rows a segment are
+    not shared, and a chain has at most MAX_CHAIN members.
     """
     if union:
         return ()
     used: set[int] = set()
-    pairs = []
-    for i, a in enumerate(branches):
+    chains = []
+    for i in range(len(branches)):
+        chain = [i]
         for j in range(i + 1, len(branches)):
-            if i not in used and j not in used and _nests(a, branches[j], n, heads):
-                pairs.append((i, j))
-                used |= {i, j}
-    return tuple(pairs)
+            if i not in used and j not in used and len(chain) < MAX_CHAIN and _extends(
+                    [branches[c] for c in chain], branches[j], n, heads):
+                chain.append(j)
+        if len(chain) > 1:
+            chains.append(tuple(chain))
+            used |= set(chain)
+    return tuple(chains)
 
 
-def _nests(a: Geometry, b: Geometry, n: int, heads: int) -> bool:
-    if not (isinstance(a, Dilated) and isinstance(b, Dilated)) or b.dilation != 2 * a.dilation:
+def _extends(chain: list[Geometry], b: Geometry, n: int, heads: int) -> bool:
+    """Whether b nests in the chain's last member, in phase in every member's segments."""
+    last = chain[-1]
+    if not (isinstance(last, Dilated) and isinstance(b, Dilated)) or \
+            b.dilation != 2 * last.dilation:
         return False
-    if max(a.rows_in(a.segment, o) for o in a.offsets) > TWICE_ROWS:
+    if any(g.rows_in(g.segment, o) > TWICE_ROWS for g in (*chain, b) for o in g.offsets):
         return False
-    # each of b's segments is one of a's, or two (the second maybe short) whose rows are in phase
-    two = b.segment == min(2 * a.segment, n) > a.segment and a.segment % b.dilation == 0
-    if b.segment != a.segment and not two:
+    if b.segment not in (last.segment, min(2 * last.segment, n)):
+        return False  # not one or two of the last member's segments
+    if not all(_in_phase(g.segment, b, n) for g in chain):
         return False
-    heads_of_both = [h for h in range(heads) if a.applies(h) and b.applies(h)]
-    return bool(heads_of_both) and all(b.offsets[h] % a.dilation == a.offsets[h]
-                                       for h in heads_of_both)
+    both = [h for h in range(heads) if all(g.applies(h) for g in (*chain, b))]
+    return bool(both) and all(b.offsets[h] % last.dilation == last.offsets[h] for h in both)
 
 
-def _pieces_sharing(branches: tuple[Geometry, ...], i: int, shared: tuple[tuple[int, int], ...],
+def _in_phase(segment: int, b: Dilated, n: int) -> bool:
+    """Whether b's rows lie at the same places in every `segment`-token segment inside one of
+    b's (so a mask over them is the same for each)."""
+    return segment >= n or b.segment == segment or segment % b.dilation == 0
+
+
+def _pieces_sharing(branches: tuple[Geometry, ...], i: int, chains: tuple[tuple[int, ...], ...],
                     n: int, head: int, causal: bool, divisor: int) -> Iterator[Piece]:
-    """Branch i's pieces for one head: as `branch_pieces`, unless it is one of a shared pair
-    that both apply to this head. Then the outer branch's pieces count the inner branch's pairs
-    in them twice, and the inner branch keeps only the pairs between its segments' halves."""
-    for a, b in shared:
-        outer, inner = branches[a], branches[b]
-        if i in (a, b) and outer.applies(head) and inner.applies(head):
-            assert isinstance(outer, Dilated) and isinstance(inner, Dilated)
-            if i == b:
-                return _across(inner, outer.segment, n, head, causal)
-            twice = _both_rows_of(inner.segment, inner.dilation, inner.offsets[head])
-            return (replace(p, twice=twice, shared_mask=True)
-                    for p in _dilated(outer, n, head, causal))
+    """Branch i's pieces for one head: as `branch_pieces`, unless it is in a chain whose every
+    member applies to this head. Then the first member's pieces, and each later member's pairs
+    between its segments' halves, count the pairs that later members give too."""
+    for chain in chains:
+        members = [branches[c] for c in chain]
+        if i not in chain or not all(g.applies(head) for g in members):
+            continue
+        dilated = [g for g in members if isinstance(g, Dilated)]  # all of them (`_extends`)
+        t = chain.index(i)
+        pieces = _dilated(dilated[0], n, head, causal) if t == 0 else \
+            _across(dilated[t], dilated[t - 1].segment, n, head, causal)
+        later = tuple((g.segment, g.dilation, g.offsets[head]) for g in dilated[t + 1:])
+        if not later:
+            return pieces
+        also = _rows_of_later(later)
+        return (replace(p, also=also, shared_mask=True) for p in pieces)
     return branch_pieces(branches[i], n, head, causal, divisor)
 
 
 @lru_cache(maxsize=256)
-def _both_rows_of(segment: int, dilation: int, offset: int) -> MaskFn:
-    """Pairs whose query and key are both rows of a dilated branch (one object per branch and
-    offset, so heads with the same offset share a mask). The same for each of the outer
-    branch's segments: `_nests` checks that they start in phase."""
-    def both(qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
-        return ((qpos % segment) % dilation == offset) & ((kpos % segment) % dilation == offset)
+def _rows_of_later(members: tuple[tuple[int, int, int], ...]) -> MaskFn:
+    """For each pair, how many of the later members (segment, dilation, offset) have both its
+    query and key among their rows. One object per offset class, so heads of one class share
+    a mask."""
+    def count(qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(torch.broadcast_shapes(qpos.shape, kpos.shape), dtype=torch.int32,
+                            device=qpos.device)
+        for segment, dilation, offset in members:
+            total += ((qpos % segment) % dilation == offset) \
+                & ((kpos % segment) % dilation == offset)
+        return total
 
-    return both
+    return count
 
 
 def _across(g: Dilated, half: int, n: int, head: int, causal: bool) -> Iterator[Piece]:
-    """The inner branch's pairs between the two halves (`half` tokens each) of its segments;
-    its pairs within a half are the outer branch's (`_pieces_sharing`). Every key of the first half
-    precedes every query of the second: no mask, causal or not."""
+    """A later chain member's pairs between the two halves (`half` tokens each) of its
+    segments; its pairs within a half are the members' before it. Every key of the first half
+    precedes every query of the second: no causal mask, causal or not."""
     if g.segment <= half:
         return
     for rows in _dilated_rows(g, n, head):

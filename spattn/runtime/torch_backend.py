@@ -22,7 +22,7 @@ from spattn.patterns.geometry import Geometry, Window
 from spattn.runtime import costs
 from spattn.runtime.batches import Batch, dense_masked, describe_plan, pair_counts, plan_batches
 from spattn.runtime.kernels import Mask, attend, attend_backward, unit_stride_rows
-from spattn.runtime.pieces import nested_pairs, plan_pieces
+from spattn.runtime.pieces import nested_chains, plan_pieces
 from spattn.runtime.rows import Rows
 
 DENSE_MASK_LIMIT = 1 << 24  # (head, query, key) entries of a whole-call mask
@@ -64,7 +64,7 @@ def _plan_of(problem: Problem, head_dim: int, model: costs.CostModel, fused: boo
     windows = any(isinstance(g, Window) for g in problem.branches)
     made: dict[tuple, tuple[Batch, ...]] = {}
 
-    def batches(divisor: int, shared: tuple[tuple[int, int], ...]) -> tuple[Batch, ...]:
+    def batches(divisor: int, shared: tuple[tuple[int, ...], ...]) -> tuple[Batch, ...]:
         if (divisor, shared) not in made:
             pieces = tuple(plan_pieces(problem.branches, problem.seq_len, problem.heads,
                                        problem.causal, problem.union, divisor=divisor,
@@ -76,10 +76,10 @@ def _plan_of(problem: Problem, head_dim: int, model: costs.CostModel, fused: boo
     divisors = WINDOW_DIVISORS if windows else WINDOW_DIVISORS[:1]
     divisor = min(divisors, key=lambda d: _cost(batches(d, ())))
     best = batches(divisor, ())
-    # shared pairs add log 2 to their scores: a mask the fused kernel takes as it is
-    pairs = nested_pairs(problem.branches, problem.seq_len, problem.heads, problem.union) \
+    # shared pairs add log(count) to their scores: a mask the fused kernel takes as it is
+    chains = nested_chains(problem.branches, problem.seq_len, problem.heads, problem.union) \
         if fused else ()
-    if shared := _sharing(pairs, share, lambda s: _cost(batches(divisor, s))):
+    if shared := _sharing(chains, share, lambda s: _cost(batches(divisor, s))):
         sharing = batches(divisor, shared)
         best = sharing if share == "always" else min(best, sharing, key=_cost)
     n = problem.seq_len
@@ -95,19 +95,20 @@ def _cost(batches: tuple[Batch, ...]) -> float:
     return sum(b.cost_us for b in batches)
 
 
-def _sharing(pairs: tuple[tuple[int, int], ...], share: str,
-             cost_of: Callable[[tuple[tuple[int, int], ...]], float]
-             ) -> tuple[tuple[int, int], ...]:
-    """Which nested pairs of branches share their common pairs: all or none where `share`
-    says so, else each pair where the model predicts the plan faster with it shared."""
+def _sharing(chains: tuple[tuple[int, ...], ...], share: str,
+             cost_of: Callable[[tuple[tuple[int, ...], ...]], float]
+             ) -> tuple[tuple[int, ...], ...]:
+    """Which nested branches share their pairs: every chain or none where `share` says so, else
+    for each chain in turn the part (its first two members, three, ...) or nothing that the
+    model predicts fastest."""
     if share != "model":
-        return pairs if share == "always" else ()
-    shared = pairs
-    for pair in pairs:
-        without = tuple(p for p in shared if p != pair)
-        if cost_of(without) <= cost_of(shared):
-            shared = without
-    return shared
+        return chains if share == "always" else ()
+    chosen = list(chains)
+    for i, chain in enumerate(chains):
+        options = [chain[:length] for length in range(2, len(chain) + 1)] + [()]
+        chosen[i] = min(options, key=lambda option: cost_of(
+            tuple(c for c in chosen[:i] + [option] + chosen[i + 1:] if c)))
+    return tuple(c for c in chosen if c)
 
 
 def describe(problem: Problem, head_dim: int) -> list[str]:
