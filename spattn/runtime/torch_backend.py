@@ -50,8 +50,9 @@ class Problem:
 def plan(problem: Problem, head_dim: int, model: costs.CostModel, fused: bool = True
          ) -> tuple[Batch, ...]:
     """The batches of a call shape, built once per (problem, head dim, cost model). Windows are
-    cut in chunks of W/8, W/4, W/2 or W queries, and each pair of nested dilated branches
-    shares its common pairs or not, whichever the model predicts fastest. With the fused CPU
+    cut in chunks of W/8, W/4, W/2 or W queries, and each chain of nested dilated branches
+    shares the pairs its members give in common (all of it, a part, or not), whichever the
+    model predicts fastest. With the fused CPU
     kernel (`fused`), a short sequence may instead run as one dense call with a mask (at most
     DENSE_MASK_LIMIT entries), when the model predicts that faster."""
     return _plan_of(problem, head_dim, model, fused, SHARE_PAIRS)
