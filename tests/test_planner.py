@@ -234,7 +234,7 @@ def test_shared_pairs_of_nested_branches_are_exact(monkeypatch, case):
 def test_which_branches_nest():
     lm = spattn.load_pattern("longnet-lm")
     # 2048/1, 4096/2 and 8192/4 nest (a chain of MAX_CHAIN = 3); 16384/6 and 32768/12 too up
-    # to 16K (one segment each), but at 16K their 2731-row segments pass TWICE_ROWS, and at 64K
+    # to 16K (one segment each), but at 16K their 2731-row segments pass SHARE_ROWS, and at 64K
     # the second half's rows are out of phase (16384 is no multiple of 12); 8192/4 and 16384/6
     # never (6 is not 2 x 4)
     expected = {4096: ((0, 1, 2), (3, 4)), 16384: ((0, 1, 2),), 65536: ((0, 1, 2),)}

@@ -75,8 +75,13 @@ class Dilated(_OnHeads):
         """How many rows one head keeps in a segment of `length` tokens."""
         return max(0, -(-(length - offset) // self.dilation))  # integers: exact at any size
 
+    def residue(self, pos: torch.Tensor) -> torch.Tensor:
+        """Each position's offset class within its segment: head h keeps those equal to
+        offsets[h]."""
+        return (pos % self.segment) % self.dilation
+
     def selects(self, head: int, pos: torch.Tensor) -> torch.Tensor:
-        return (pos % self.segment) % self.dilation == self.offsets[head]
+        return self.residue(pos) == self.offsets[head]
 
     def _allows(self, head: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
         same_segment = (qpos // self.segment) == (kpos // self.segment)
@@ -86,8 +91,8 @@ class Dilated(_OnHeads):
         same_segment = (qpos // self.segment) == (kpos // self.segment)
         offsets = torch.tensor(self.offsets[:heads], device=qpos.device)
         offsets = offsets.view(heads, *[1] * same_segment.dim())
-        allowed = same_segment & ((qpos % self.segment) % self.dilation == offsets) \
-            & ((kpos % self.segment) % self.dilation == offsets)
+        allowed = same_segment & (self.residue(qpos) == offsets) \
+            & (self.residue(kpos) == offsets)
         return self._on_heads_only(allowed.expand(heads, *same_segment.shape))
 
 

@@ -14,10 +14,10 @@ rows by log-sum-exp, in any order.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 
@@ -57,11 +57,10 @@ class Batch:
         also = self._stacked(Piece.also_tensor, device)
         if also is None:
             return None if allowed is None else Mask.of(allowed, dtype)
-        if allowed is None:
-            allowed = torch.ones(also.shape, dtype=torch.bool, device=also.device)
-        bias = also.to(dtype).log1p_().masked_fill_(~allowed, -math.inf)
-        return Mask.of(allowed, dtype, bias.unsqueeze(0))
+        counts = also + 1
+        return Mask.of_counts(counts if allowed is None else counts * allowed, dtype)
 
+    @cached_property
     def mask_key(self) -> tuple:
         """What the call's mask depends on: batches whose pieces read one segment's worth of
         the same predicates at the same positions share it (heads of one offset class)."""

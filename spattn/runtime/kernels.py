@@ -61,6 +61,13 @@ class Mask:
         bias = _additive(allowed, dtype) if bias is None else bias
         return Mask(allowed, bias, empty, bool(empty.any()))
 
+    @staticmethod
+    def of_counts(counts: torch.Tensor, dtype: torch.dtype) -> Mask:
+        """The mask of pairs counted `counts` times (0: not allowed): log(count) added to each
+        score, computed in float32 or float64 (a multiset, or branches sharing their pairs)."""
+        bias = counts.to(_accum_dtype(dtype)).log().to(dtype)
+        return Mask.of(counts > 0, dtype, bias.unsqueeze(0))
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.allowed, self.bias,

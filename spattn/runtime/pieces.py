@@ -3,7 +3,7 @@ merge is the pattern's output.
 
 Every allowed (head, query, key) triple lies in exactly one piece (in `multiset` mode a triple
 allowed by two branches lies in two, and counts twice, as SEMANTICS.md says, or in one piece
-that adds log 2 to its score: see `nested_chains`). A piece is one head, `nseg` equal-shaped
+that adds log(count) to its score: see `nested_chains`). A piece is one head, `nseg` equal-shaped
 problems (query rows x key rows), and optionally a mask predicate over token positions, built
 only for the piece's own rows, so memory stays linear in N.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import cast
 
 import torch
 
@@ -23,7 +24,7 @@ from spattn.runtime.rows import Rows
 MaskFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 MASK_BUDGET = 1 << 24  # mask elements one piece may materialize before it is split
-TWICE_ROWS = 2048  # segment rows of a branch whose pairs a nested branch may share (a mask)
+SHARE_ROWS = 2048  # segment rows of a branch whose pairs nested branches may share (a mask)
 MAX_CHAIN = 3  # nested branches sharing their pairs in one chain (masks grow with offset classes)
 
 
@@ -40,7 +41,7 @@ class Piece:
 
     @property
     def masked(self) -> bool:
-        """Whether the call needs a mask (pairs not allowed, or counted twice)."""
+        """Whether the call needs a mask (pairs not allowed, or counted more than once)."""
         return self.mask is not None or self.also is not None
 
     def mask_tensor(self, device: torch.device | str) -> torch.Tensor | None:
@@ -272,7 +273,7 @@ def nested_chains(branches: tuple[Geometry, ...], n: int, heads: int, union: boo
     pair) to its scores (a mask, the same for every segment), and each later member keeps only
     the pairs between the two halves of its segments (a rectangle, masked the same way by the
     members after it). LongNet's schedules nest this way (2048/1, 4096/2, 8192/4). A mask holds
-    a segment's rows squared, one per offset class: members past TWICE_ROWS rows a segment are
+    a segment's rows squared, one per offset class: members past SHARE_ROWS rows a segment are
     not shared, and a chain has at most MAX_CHAIN members.
     """
     if union:
@@ -297,7 +298,7 @@ def _extends(chain: list[Geometry], b: Geometry, n: int, heads: int) -> bool:
     if not (isinstance(last, Dilated) and isinstance(b, Dilated)) or \
             b.dilation != 2 * last.dilation:
         return False
-    if any(g.rows_in(g.segment, o) > TWICE_ROWS for g in (*chain, b) for o in g.offsets):
+    if any(g.rows_in(g.segment, o) > SHARE_ROWS for g in (*chain, b) for o in g.offsets):
         return False
     if b.segment not in (last.segment, min(2 * last.segment, n)):
         return False  # not one or two of the last member's segments
@@ -319,14 +320,13 @@ def _pieces_sharing(branches: tuple[Geometry, ...], i: int, chains: tuple[tuple[
     member applies to this head. Then the first member's pieces, and each later member's pairs
     between its segments' halves, count the pairs that later members give too."""
     for chain in chains:
-        members = [branches[c] for c in chain]
+        members = [cast(Dilated, branches[c]) for c in chain]  # all dilated (`_extends`)
         if i not in chain or not all(g.applies(head) for g in members):
             continue
-        dilated = [g for g in members if isinstance(g, Dilated)]  # all of them (`_extends`)
         t = chain.index(i)
-        pieces = _dilated(dilated[0], n, head, causal) if t == 0 else \
-            _across(dilated[t], dilated[t - 1].segment, n, head, causal)
-        later = tuple((g.segment, g.dilation, g.offsets[head]) for g in dilated[t + 1:])
+        pieces = _dilated(members[0], n, head, causal) if t == 0 else \
+            _across(members[t], members[t - 1].segment, n, head, causal)
+        later = tuple((g, g.offsets[head]) for g in members[t + 1:])
         if not later:
             return pieces
         also = _rows_of_later(later)
@@ -335,16 +335,15 @@ def _pieces_sharing(branches: tuple[Geometry, ...], i: int, chains: tuple[tuple[
 
 
 @lru_cache(maxsize=256)
-def _rows_of_later(members: tuple[tuple[int, int, int], ...]) -> MaskFn:
-    """For each pair, how many of the later members (segment, dilation, offset) have both its
+def _rows_of_later(members: tuple[tuple[Dilated, int], ...]) -> MaskFn:
+    """For each pair, how many of the later members (branch, this head's offset) have both its
     query and key among their rows. One object per offset class, so heads of one class share
     a mask."""
     def count(qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(torch.broadcast_shapes(qpos.shape, kpos.shape), dtype=torch.int32,
                             device=qpos.device)
-        for segment, dilation, offset in members:
-            total += ((qpos % segment) % dilation == offset) \
-                & ((kpos % segment) % dilation == offset)
+        for g, offset in members:
+            total += (g.residue(qpos) == offset) & (g.residue(kpos) == offset)
         return total
 
     return count

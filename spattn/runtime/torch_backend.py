@@ -52,9 +52,9 @@ def plan(problem: Problem, head_dim: int, model: costs.CostModel, fused: bool = 
     """The batches of a call shape, built once per (problem, head dim, cost model). Windows are
     cut in chunks of W/8, W/4, W/2 or W queries, and each chain of nested dilated branches
     shares the pairs its members give in common (all of it, a part, or not), whichever the
-    model predicts fastest. With the fused CPU
-    kernel (`fused`), a short sequence may instead run as one dense call with a mask (at most
-    DENSE_MASK_LIMIT entries), when the model predicts that faster."""
+    model predicts fastest. With the fused CPU kernel (`fused`), a short sequence may instead
+    run as one dense call with a mask (at most DENSE_MASK_LIMIT entries), when the model
+    predicts that faster."""
     return _plan_of(problem, head_dim, model, fused, SHARE_PAIRS)
 
 
@@ -130,8 +130,7 @@ def _whole_mask(problem: Problem, device: torch.device, dtype: torch.dtype) -> M
     def build() -> Mask:
         counts = pair_counts(problem.branches, problem.seq_len, problem.heads, problem.causal,
                              problem.union, device, _accum_dtype(dtype))  # log 2 to the digit
-        allowed = counts > 0
-        return Mask.of(allowed, dtype, counts.log().to(dtype).unsqueeze(0))
+        return Mask.of_counts(counts, dtype)
 
     return _kept((problem, str(device), dtype), build)
 
@@ -165,7 +164,7 @@ def _kept(key: tuple, build: Callable[[], Mask]) -> Mask:
 def _mask(batch: Batch, device: torch.device, dtype: torch.dtype) -> Mask | None:
     if not batch.pieces[0].masked:
         return None
-    return _kept((batch.mask_key(), str(device), dtype), lambda: batch.mask(device, dtype))
+    return _kept((batch.mask_key, str(device), dtype), lambda: batch.mask(device, dtype))
 
 
 def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
