@@ -74,3 +74,21 @@ def test_cpu_sharing_times_each_way_of_planning(tmp_path):
     assert [(r["pass"], r["chains"]) for r in rows] == [("fwd", "((0, 1, 2), (3, 4))"),
                                                         ("fwd+bwd", "((0, 1, 2), (3, 4))")]
     assert all(float(r[f"{way}_ms"]) > 0 for r in rows for way in ("never", "always", "model"))
+
+
+LONGNET = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu_longnet.py"
+
+
+def test_cpu_scale_run_times_every_length_and_its_memory(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(LONGNET), "--scale", "--heads", "1", "--seq-lens", "1024", "4096",
+         "--repeats", "1", "--results", str(tmp_path)], capture_output=True, text=True,
+        timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = (tmp_path / "cpu_longnet_scale.csv").read_text().splitlines()
+    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
+    assert [(r["method"], int(r["seq_len"])) for r in rows] == [("spattn", 1024), ("spattn", 4096)]
+    # memory grows with N, measured in each length's own process from its own start
+    assert 0 < float(rows[0]["peak_mb"]) < float(rows[1]["peak_mb"])
+    assert all(float(r["us_per_token"]) > 0 for r in rows)
+    assert (tmp_path / "cpu_longnet_scale.png").stat().st_size > 0

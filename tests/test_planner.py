@@ -18,10 +18,12 @@ from spattn.runtime.costs import CostModel, busiest_pairs
 from spattn.runtime.pieces import nested_chains
 
 # a model that stacks every group it can, and one that never stacks (each piece its own call);
-# with DENSE allowed, ALWAYS also turns every short call into one dense masked call
+# with DENSE allowed, ALWAYS also turns every short call into one dense masked call; "cut" stacks
+# everything, then cuts each call into runs of a few segments (CALL_ELEMENTS made tiny)
 ALWAYS = CostModel(call_us=1e9, copy_gbps=1e9, pair_ns=1.0, source="always")
 NEVER = CostModel(call_us=0.0, copy_gbps=1e-9, pair_ns=1.0, source="never")
-MODELS = {"stack-all": (ALWAYS, False), "stack-none": (NEVER, False), "dense": (ALWAYS, True)}
+MODELS = {"stack-all": (ALWAYS, False), "stack-none": (NEVER, False), "dense": (ALWAYS, True),
+          "cut": (ALWAYS, False)}
 
 
 def _problem(pattern, shape):
@@ -36,7 +38,7 @@ def _check(pattern, shape, model, monkeypatch, force_math=False, dense=False):
     if not dense:
         monkeypatch.setattr(torch_backend, "DENSE_MASK_LIMIT", 0)
     problem = check_backend(pattern, shape, force_math)
-    return torch_backend.plan(problem, shape[-1], model, not force_math)
+    return torch_backend.plan(problem, shape[-1], model, not force_math, shape[0])
 
 
 @settings(max_examples=60, deadline=None, derandomize=True,
@@ -47,7 +49,14 @@ def test_every_plan_is_exact(which, monkeypatch, case):
     pattern, shape = case
     model, dense = MODELS[which]
     fused = shape[0] == 1  # the matmul fallback for batches of 2
+    bound = 3 * 4 * shape[-1]  # output elements of a call: three segments of four rows
+    if which == "cut":
+        monkeypatch.setattr(torch_backend, "CALL_ELEMENTS", bound * shape[0])
     plan = _check(pattern, shape, model, monkeypatch, force_math=not fused, dense=dense)
+    if which == "cut":  # every call within the bound, unless it has a single segment
+        for b in plan:
+            p = b.pieces[0]
+            assert p.q.nseg == 1 or len(b.pieces) * p.q.nseg * p.q.count * shape[-1] <= bound
     if which == "stack-none":
         assert all(len(b.pieces) == 1 or b.folded for b in plan)
     whole = [b for b in plan if b.whole]
@@ -80,6 +89,35 @@ def test_strategies_on_a_dilated_schedule(model, kv_heads, monkeypatch):
         assert "strided view" in strategies
 
 
+@pytest.mark.parametrize("most", [1, 3, 5])
+def test_large_calls_are_cut_into_runs_of_segments(most, monkeypatch):
+    """A call over many segments becomes several over runs of at most `most` of them (as even as
+    can be), each writing at most CALL_ELEMENTS output elements (all batch rows); the calls cut
+    from one keep its mask key, so a mask the same for every segment (a window's band) is
+    built once. Exact, forward and backward."""
+    window = spattn.Pattern.model_validate({"name": "w", "causal": True,
+                                            "branches": [{"window": {"size": 16}}]})
+    batch, heads, n, dim = 2, 4, 200, 8
+    shape = (batch, heads, heads, n, dim)
+    monkeypatch.setattr(torch_backend, "DENSE_MASK_LIMIT", 0)
+    whole = torch_backend.plan(_problem(window, shape), dim, costs.DEFAULT, True, batch)
+    per_segment = heads * 16 * dim  # every head folded, window chunks of 16 queries
+    assert all(b.folded and b.pieces[0].q.count <= 16 for b in whole)
+    monkeypatch.setattr(torch_backend, "CALL_ELEMENTS", batch * per_segment * most)
+    plan = _check(window, shape, costs.DEFAULT, monkeypatch)
+    assert max(b.pieces[0].q.nseg for b in whole) > most
+    assert max(b.pieces[0].q.nseg for b in plan) <= most
+    assert len(plan) == sum(-(-b.pieces[0].q.nseg // most) for b in whole)  # no more calls
+    shared = [b for b in plan if b.pieces[0].shared_mask]
+    assert shared and len({b.mask_key for b in shared}) < len(shared)
+
+    def rows(batches):  # each (head, query row) a call writes, with repeats
+        return sorted((p.head, int(r)) for b in batches for p in b.pieces
+                      for r in p.q.positions().flatten())
+
+    assert rows(plan) == rows(whole)
+
+
 @pytest.mark.parametrize("pattern", [
     {"name": "dense", "causal": True, "branches": [{"dense": {}}]},
     {"name": "wide-window", "causal": False, "branches": [{"window": {"size": 500}}]}])
@@ -108,7 +146,7 @@ def test_model_stacks_lone_causal_problems_not_balanced_ones():
     from spattn.runtime.rows import Rows
 
     def stacked(pieces: list, model: CostModel) -> bool:  # one call for the four heads' pieces
-        return len(plan_batches(tuple(pieces), 4, 4, 8192 + 4, 64, model)) == 1
+        return len(plan_batches(tuple(pieces), 4, 4, 8192 + 4, 64, model, 1 << 21)) == 1
 
     model = CostModel(call_us=0.0, copy_gbps=5.0, pair_ns=5.0)
     lone = [Piece(h, Rows(h, 2048, 4), Rows(h, 2048, 4), causal=True) for h in range(4)]

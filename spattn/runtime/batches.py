@@ -10,6 +10,10 @@ view of the (B*H, N, D) tensors (`folded`) and costs no copy at all.
 Whether to stack a group is the cost model's choice (`spattn.runtime.costs`): a call saved
 against the bytes copied. Any grouping is exact: pieces only ever merge into their own head's
 rows by log-sum-exp, in any order.
+
+A call whose output would be large is cut into calls over runs of its segments: each call's
+output then reuses memory the allocator keeps rather than fresh pages, every one of which faults
+in on first touch.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class Batch:
     why: str = ""  # the cost model's reason, for `spattn inspect --plan`
     cost_us: float = 0.0  # the model's prediction for one batch row (B = 1)
     whole: bool = False  # the whole call, every head, one dense attention with a mask
+    key: tuple | None = None  # the mask's key when cut from a larger call (`mask_key`)
 
     @property
     def strategy(self) -> str:
@@ -63,7 +68,10 @@ class Batch:
     @cached_property
     def mask_key(self) -> tuple:
         """What the call's mask depends on: batches whose pieces read one segment's worth of
-        the same predicates at the same positions share it (heads of one offset class)."""
+        the same predicates at the same positions share it (heads of one offset class), and so
+        do the calls cut from one call."""
+        if self.key is not None:
+            return self.key
         first = self.pieces[0]
         if first.shared_mask and _same(self.pieces):
             return first.q.segments(0, 1), first.k.segments(0, 1), first.mask, first.also
@@ -117,9 +125,11 @@ def _mask_elements(pieces: Sequence[Piece]) -> int:
 
 
 def plan_batches(pieces: tuple[Piece, ...], heads: int, kv_heads: int, seq_len: int,
-                 head_dim: int, model: costs.CostModel) -> tuple[Batch, ...]:
+                 head_dim: int, model: costs.CostModel, call_elements: int
+                 ) -> tuple[Batch, ...]:
     """Group same-shape pieces of different heads; keep a group stacked when the model says the
-    saved calls cost more than the copies. `fresh` is recomputed for the batches' order."""
+    saved calls cost more than the copies; cut calls that would write more than
+    `call_elements` output elements. `fresh` is recomputed for the batches' order."""
     groups: dict[tuple, list[list[Piece]]] = defaultdict(list)
     order: list[list[Piece]] = []
     for piece in pieces:
@@ -156,7 +166,29 @@ def plan_batches(pieces: tuple[Piece, ...], heads: int, kv_heads: int, seq_len: 
                                      cost_us=stacked + model.merge(group, head_dim)))
             else:
                 batches.extend(Batch((p,), why=why, cost_us=one) for p in group)
-    return _mark_fresh(batches, heads, seq_len)
+    return tuple(call for batch in _mark_fresh(batches, heads, seq_len)
+                 for call in _cut(batch, head_dim, model, call_elements))
+
+
+def _cut(batch: Batch, head_dim: int, model: costs.CostModel, call_elements: int
+         ) -> tuple[Batch, ...]:
+    """The batch as calls over runs of its segments, each writing at most `call_elements`
+    output elements (one call when it already does, or has one segment). Every call keeps the
+    batch's mask key: a mask the same for every segment is built once for all of them."""
+    p = batch.pieces[0]
+    nseg = p.q.nseg
+    most = max(1, call_elements // (len(batch.pieces) * p.q.count * head_dim))  # segments a call
+    if nseg <= most:
+        return (batch,)
+    size = -(-nseg // -(-nseg // most))  # as many calls as needed, of sizes as even as can be
+    key = batch.mask_key if p.shared_mask and _same(batch.pieces) else None
+    return tuple(
+        replace(batch, key=key, cost_us=batch.cost_us * min(size, nseg - first) / nseg
+                + model.call_us,
+                pieces=tuple(replace(x, q=x.q.segments(first, min(size, nseg - first)),
+                                     k=x.k.segments(first, min(size, nseg - first)))
+                             for x in batch.pieces))
+        for first in range(0, nseg, size))
 
 
 def pair_counts(branches: tuple[Geometry, ...], n: int, heads: int, causal: bool, union: bool,

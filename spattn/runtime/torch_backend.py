@@ -28,6 +28,9 @@ from spattn.runtime.rows import Rows
 DENSE_MASK_LIMIT = 1 << 24  # (head, query, key) entries of a whole-call mask
 WINDOW_DIVISORS = (8, 4, 2, 1)  # window chunks of W/8 .. W queries, as the model prefers
 SHARE_PAIRS = "model"  # nested branches' common pairs computed once: "model", "always", "never"
+# output elements one call writes, all batch rows together (16 MB in float32): a larger output
+# comes from fresh pages, each faulted in on first touch (longnet-lm at 1M tokens: 11% slower)
+CALL_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -47,41 +50,43 @@ class Problem:
         return head // (self.heads // self.kv_heads)
 
 
-def plan(problem: Problem, head_dim: int, model: costs.CostModel, fused: bool = True
-         ) -> tuple[Batch, ...]:
-    """The batches of a call shape, built once per (problem, head dim, cost model). Windows are
+def plan(problem: Problem, head_dim: int, model: costs.CostModel, fused: bool = True,
+         batch: int = 1) -> tuple[Batch, ...]:
+    """The batches of a call shape, built once per (problem, head dim, cost model, batch size:
+    calls are cut to write at most CALL_ELEMENTS output elements). Windows are
     cut in chunks of W/8, W/4, W/2 or W queries, and each chain of nested dilated branches
     shares the pairs its members give in common (all of it, a part, or not), whichever the
     model predicts fastest. With the fused CPU kernel (`fused`), a short sequence may instead
     run as one dense call with a mask (at most DENSE_MASK_LIMIT entries), when the model
     predicts that faster."""
-    return _plan_of(problem, head_dim, model, fused, SHARE_PAIRS)
+    call_elements = max(1, CALL_ELEMENTS // batch)
+    return _plan_of(problem, head_dim, model, fused, SHARE_PAIRS, call_elements)
 
 
 @lru_cache(maxsize=64)
-def _plan_of(problem: Problem, head_dim: int, model: costs.CostModel, fused: bool, share: str
-             ) -> tuple[Batch, ...]:
-    """The plan built with SHARE_PAIRS as it is now (a key of the cache)."""
+def _plan_of(problem: Problem, head_dim: int, model: costs.CostModel, fused: bool, share: str,
+             call_elements: int) -> tuple[Batch, ...]:
+    """The plan built with SHARE_PAIRS and the call bound as they are now (keys of the cache)."""
     windows = any(isinstance(g, Window) for g in problem.branches)
     made: dict[tuple, tuple[Batch, ...]] = {}
 
-    def batches(divisor: int, shared: tuple[tuple[int, ...], ...]) -> tuple[Batch, ...]:
+    def planned(divisor: int, shared: tuple[tuple[int, ...], ...]) -> tuple[Batch, ...]:
         if (divisor, shared) not in made:
             pieces = tuple(plan_pieces(problem.branches, problem.seq_len, problem.heads,
                                        problem.causal, problem.union, divisor=divisor,
                                        shared=shared))
             made[divisor, shared] = plan_batches(pieces, problem.heads, problem.kv_heads,
-                                                 problem.seq_len, head_dim, model)
+                                                 problem.seq_len, head_dim, model, call_elements)
         return made[divisor, shared]
 
     divisors = WINDOW_DIVISORS if windows else WINDOW_DIVISORS[:1]
-    divisor = min(divisors, key=lambda d: _cost(batches(d, ())))
-    best = batches(divisor, ())
+    divisor = min(divisors, key=lambda d: _cost(planned(d, ())))
+    best = planned(divisor, ())
     # shared pairs add log(count) to their scores: a mask the fused kernel takes as it is
     chains = nested_chains(problem.branches, problem.seq_len, problem.heads, problem.union) \
         if fused else ()
-    if shared := _sharing(chains, share, lambda s: _cost(batches(divisor, s))):
-        sharing = batches(divisor, shared)
+    if shared := _sharing(chains, share, lambda s: _cost(planned(divisor, s))):
+        sharing = planned(divisor, shared)
         best = sharing if share == "always" else min(best, sharing, key=_cost)
     n = problem.seq_len
     small = problem.heads * n * n <= DENSE_MASK_LIMIT
@@ -121,7 +126,7 @@ def describe(problem: Problem, head_dim: int) -> list[str]:
 
 def _plan(problem: Problem, q: torch.Tensor) -> tuple[Batch, ...]:
     fused = q.device.type == "cpu" and not problem.force_math
-    return plan(problem, q.shape[-1], costs.current(), fused)
+    return plan(problem, q.shape[-1], costs.current(), fused, q.shape[0])
 
 
 def _whole_mask(problem: Problem, device: torch.device, dtype: torch.dtype) -> Mask:
