@@ -65,7 +65,7 @@ class Mask:
     def of_counts(counts: torch.Tensor, dtype: torch.dtype) -> Mask:
         """The mask of pairs counted `counts` times (0: not allowed): log(count) added to each
         score, computed in float32 or float64 (a multiset, or branches sharing their pairs)."""
-        bias = counts.to(_accum_dtype(dtype)).log().to(dtype)
+        bias = counts.to(accum_dtype(dtype)).log().to(dtype)
         return Mask.of(counts > 0, dtype, bias.unsqueeze(0))
 
     @property
@@ -114,7 +114,8 @@ def attend_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                           None if mask is None else mask.allowed)
 
 
-def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype results are accumulated and merged in: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -130,7 +131,7 @@ def _allowed_chunk(allowed: torch.Tensor | None, causal: bool, lo: int, hi: int,
 
 
 def _math_forward(q, k, v, scale, causal, allowed):
-    acc = _accum_dtype(q.dtype)
+    acc = accum_dtype(q.dtype)
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
     mq, mk = q.shape[2], k.shape[2]
     out = torch.empty(q.shape, dtype=acc, device=q.device)
@@ -149,7 +150,7 @@ def _math_forward(q, k, v, scale, causal, allowed):
 
 
 def _math_backward(do, q, k, v, out, lse, scale, causal, allowed):
-    acc = _accum_dtype(q.dtype)
+    acc = accum_dtype(q.dtype)
     qf, kf, vf, dof = q.to(acc), k.to(acc), v.to(acc), do.to(acc)
     delta = (dof * out.to(acc)).sum(-1)
     dq = torch.zeros_like(qf)

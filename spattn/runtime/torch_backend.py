@@ -21,7 +21,7 @@ import torch
 from spattn.patterns.geometry import Geometry, Window
 from spattn.runtime import costs
 from spattn.runtime.batches import Batch, dense_masked, describe_plan, pair_counts, plan_batches
-from spattn.runtime.kernels import Mask, attend, attend_backward, unit_stride_rows
+from spattn.runtime.kernels import Mask, accum_dtype, attend, attend_backward, unit_stride_rows
 from spattn.runtime.pieces import nested_chains, plan_pieces
 from spattn.runtime.rows import Rows
 
@@ -134,7 +134,7 @@ def _whole_mask(problem: Problem, device: torch.device, dtype: torch.dtype) -> M
     it does not; kept like the pieces' masks."""
     def build() -> Mask:
         counts = pair_counts(problem.branches, problem.seq_len, problem.heads, problem.causal,
-                             problem.union, device, _accum_dtype(dtype))  # log 2 to the digit
+                             problem.union, device, accum_dtype(dtype))  # log 2 to the digit
         return Mask.of_counts(counts, dtype)
 
     return _kept((problem, str(device), dtype), build)
@@ -170,10 +170,6 @@ def _mask(batch: Batch, device: torch.device, dtype: torch.dtype) -> Mask | None
     if not batch.pieces[0].masked:
         return None
     return _kept((batch.mask_key, str(device), dtype), lambda: batch.mask(device, dtype))
-
-
-def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _gather(batch: Batch, x: torch.Tensor, side: str, problem: Problem) -> torch.Tensor:
@@ -236,7 +232,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problem: Problem
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """O (B, H, N, D) in q's dtype and LSE (B, H, N) (-inf where a query got no key)."""
     q, k, v = unit_stride_rows(q, k, v)  # once here, rather than per piece in `attend`
-    acc = _accum_dtype(q.dtype)
+    acc = accum_dtype(q.dtype)
     batches = _plan(problem, q)
     if batches and batches[0].whole:  # one dense call over every head, its mask counting pairs
         o, o_lse = attend(q, _kv_for_heads(k, problem), _kv_for_heads(v, problem),
@@ -266,7 +262,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
              out: torch.Tensor, lse: torch.Tensor, problem: Problem
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     do, q, k, v, out = unit_stride_rows(do, q, k, v, out)
-    acc = _accum_dtype(q.dtype)
+    acc = accum_dtype(q.dtype)
     batches = _plan(problem, q)
     lse_kernel = lse if q.dtype == torch.float64 else lse.float()
     if batches and batches[0].whole:
