@@ -5,8 +5,9 @@
 
 Cases: every built-in at full size, and the long-segment ones scaled to short contexts (every
 segment and window divided by 8 or 16, as `spattn inspect --scale` does). Methods, in one process
-and interleaved call by call (best of --repeats after a warm-up; cells of short calls get more
-rounds, up to 40, about a second of each method), fp32, B=1, H=4, D=64:
+and interleaved call by call (after a warm-up, the best of as many rounds as give about two
+seconds of calls of each method that computes the pattern: at least --repeats, at most 40),
+fp32, B=1, H=4, D=64:
 
 - spattn: `spattn.attention` (the PyTorch backend and its planned calls);
 - dense SDPA: `scaled_dot_product_attention` with `is_causal`, the pattern's causality;
@@ -52,7 +53,7 @@ PEERS = ("dense SDPA", "masked SDPA", "gather", "flex")
 B, H, D = 1, 4, 64
 DENSE_GFLOPS = 40.0  # this machine's dense SDPA rate, for skipping calls past the budget
 FLEX_MAX_N = 4096  # compiled FlexAttention on CPU takes 25-40 s a call at 16K
-SHORT_CELL_S = 1.0  # seconds of calls per method, at least, in a cell of short calls
+CELL_S = 2.0  # seconds of calls of each method that computes the pattern, at least
 MAX_ROUNDS = 40
 MASKED_MAX_N = 4096  # masked SDPA's (1, H, N, N) float mask: 256 MB at 4K, 4 GB at 16K
 SCALED = {"longnet-lm": 16, "longnet-geometric": 16, "longvit": 16, "sliding-window": 8,
@@ -131,13 +132,19 @@ def measure(case: str, pattern: spattn.Pattern, n: int, backward: bool, repeats:
         except Exception as error:  # a peer that cannot run this case: say why, go on
             found[name] = f"failed: {type(error).__name__}"
             del timed[name]
-    # short calls get more rounds (about SHORT_CELL_S of each method), so that the best of
-    # them is not one lucky or unlucky call on a shared machine
-    rounds = max(repeats, min(MAX_ROUNDS, math.ceil(SHORT_CELL_S / max(first.values()))))
-    times: dict[str, list[float]] = {name: [] for name in timed}
-    order = list(timed.items())
+    same = {name: bool((out - outputs["spattn"]).abs().max() < 1e-4)
+            for name, out in outputs.items()}
+    # the methods that compute the pattern get rounds for about CELL_S of calls each (at least
+    # `repeats`), so that the best of them is not one lucky or unlucky call on a shared
+    # machine; a peer that computes something else, timed for reference, runs `repeats` rounds
+    exact = [name for name in first if same[name]]
+    rounds = max(repeats, min(MAX_ROUNDS, math.ceil(CELL_S / max(first[m] for m in exact))))
+    times: dict[str, list[float]] = {name: [] for name in first}
+    order = [(name, timed[name]) for name in first]
     for round_ in range(rounds):  # each round starts with the next method: no fixed position
         for name, fn in order[round_ % len(order):] + order[:round_ % len(order)]:
+            if round_ >= repeats and not same[name]:
+                continue
             start = time.perf_counter()
             _call(fn, q, k, v, grad, backward)
             times[name].append(time.perf_counter() - start)
@@ -149,10 +156,9 @@ def measure(case: str, pattern: spattn.Pattern, n: int, backward: bool, repeats:
             rows.append(dict(case=case, seq_len=n, method=name, ms="", spattn_over_method="",
                              same=fn, useful_gflops=""))
             continue
-        same = bool((outputs[name] - outputs["spattn"]).abs().max() < 1e-4)
         rows.append(dict(case=case, seq_len=n, method=name, ms=f"{best[name]:.1f}",
                          spattn_over_method=f"{best['spattn'] / best[name]:.3f}",
-                         same="yes" if same else "no",
+                         same="yes" if same[name] else "no",
                          useful_gflops=f"{flops / best[name] / 1e6:.1f}"))
     return [{**row, "pass": "fwd+bwd" if backward else "fwd"} for row in rows]
 
@@ -261,8 +267,9 @@ def main() -> None:
         with open(csv_path, "w", newline="") as f:
             f.write(f"# {platform.machine()}, {torch.get_num_threads()} threads, torch "
                     f"{torch.__version__}, spattn {spattn.__version__}, B={B} H={H} D={D} "
-                    f"float32; best of {args.repeats} (short cells: up to {MAX_ROUNDS}) after a "
-                    f"warm-up, interleaved\n")
+                    f"float32; best of about {CELL_S:.0f} s of calls of each exact method "
+                    f"(at least {args.repeats} rounds, at most {MAX_ROUNDS}; peers computing "
+                    f"something else {args.repeats}) after a warm-up, interleaved\n")
             csv.DictWriter(f, FIELDS).writeheader()
     for case in chosen:
         for n in args.seq_lens:
