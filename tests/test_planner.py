@@ -226,6 +226,40 @@ def test_a_plain_dense_call_is_torchs_own_attention(name, n, dense, monkeypatch)
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
 
 
+def test_a_call_shape_is_worked_out_once(monkeypatch):
+    """The backend, scale and dense check of a call are remembered per call shape and cost
+    model: repeated calls skip them, and a new shape, scale or cost model works them out anew."""
+    import torch
+
+    from spattn.runtime import dispatch
+
+    worked, real = [], dispatch._choose_anew
+
+    def spy(*args):
+        worked.append(args[1:])
+        return real(*args)
+
+    monkeypatch.setattr(dispatch, "_choose_anew", spy)
+    monkeypatch.setattr(dispatch, "_CHOSEN", {})
+    pattern = spattn.load_pattern("longnet-lm")
+    q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))
+    first = spattn.attention(q, k, v, pattern)
+    for _ in range(3):
+        torch.testing.assert_close(spattn.attention(q, k, v, pattern), first, rtol=0, atol=0)
+    assert len(worked) == 1
+    spattn.attention(q[:, :, :30], k[:, :, :30], v[:, :, :30], pattern)  # another shape
+    spattn.attention(q, k, v, pattern, scale=0.5)  # another scale
+    assert len(worked) == 3
+    monkeypatch.setattr(costs, "current", lambda: ALWAYS)  # another cost model
+    spattn.attention(q, k, v, pattern)
+    assert len(worked) == 4
+    with pytest.raises(spattn.SpattnError, match="scale"):  # errors are never remembered
+        spattn.attention(q, k, v, pattern, scale=float("nan"))
+    with pytest.raises(spattn.SpattnError, match="scale"):
+        spattn.attention(q, k, v, pattern, scale=float("nan"))
+    assert len(worked) == 6
+
+
 @st.composite
 def nested_schedules(draw):
     """LongNet-like schedules: dilated branches whose segment and dilation double (so each

@@ -17,7 +17,7 @@ from spattn.errors import SpattnError
 from spattn.limits import check_scale
 from spattn.patterns.loader import load_pattern
 from spattn.patterns.spec import Pattern
-from spattn.runtime import ops, triton_backend, varlen
+from spattn.runtime import costs, ops, triton_backend, varlen
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -148,13 +148,35 @@ def check_fixed(call: Call, name: str, heads: int | None = None, kv_heads: int |
                          f"but q has {call.heads}")
 
 
+_CHOSEN: dict[tuple, tuple[str, str, float, bool | None]] = {}  # _choose's answers
+_CHOSEN_MAX = 1024
+
+
 @torch._dynamo.assume_constant_result
 def _choose(pattern: Pattern, sizes: tuple[int, int, int, int, int], dtype: torch.dtype,
             device: torch.device, needs_grad: bool, backend: str | None, scale: float | None
             ) -> tuple[str, str, float, bool | None]:
     """(backend name, pattern key, scale, dense) for a checked call, `dense` the causality of a
     call that is plain dense attention on the torch backend (else None); under torch.compile
-    this runs once at trace time, on plain values, and its result is a constant of the graph."""
+    this runs once at trace time, on plain values, and its result is a constant of the graph.
+    Remembered per call shape and cost model: right after a large kernel call, with the
+    caches cold, working it out again costs tens of microseconds."""
+    if scale is not None and type(scale) is not float:  # a tensor or other object: not kept
+        return _choose_anew(pattern, sizes, dtype, device, needs_grad, backend, scale)
+    memo = (ops.register(pattern), sizes, dtype, device, needs_grad, backend, scale,
+            costs.current())
+    found = _CHOSEN.get(memo)
+    if found is None:
+        found = _choose_anew(pattern, sizes, dtype, device, needs_grad, backend, scale)
+        if len(_CHOSEN) >= _CHOSEN_MAX:
+            _CHOSEN.clear()
+        _CHOSEN[memo] = found
+    return found
+
+
+def _choose_anew(pattern: Pattern, sizes: tuple[int, int, int, int, int], dtype: torch.dtype,
+                 device: torch.device, needs_grad: bool, backend: str | None, scale: object
+                 ) -> tuple[str, str, float, bool | None]:
     call = Call(*sizes, dtype, device, needs_grad)
     check_fixed(call, pattern.name, pattern.heads, pattern.kv_heads, pattern.head_dim,
                 pattern.required_heads())
