@@ -11,6 +11,9 @@
   scatters the result back, and merges the branches by their log-sum-exp. As in the official code
   the mixing weights get no gradient (the fused ops' LSE output is not differentiable), so its
   backward is about 2% off the true gradient; it is here for timing.
+- `strided_sdpa_scatter`: the same method written as torchscale writes it, independently of the
+  above: each segment's dilated rows are a strided view of the tensor (no index lists), the
+  dense problems run on those views, and the outputs are written back through the same views.
 """
 
 from __future__ import annotations
@@ -133,12 +136,7 @@ def gather_sdpa_scatter(pattern: spattn.Pattern) -> Attention:
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         scale = pattern.softmax_scale or 1.0 / math.sqrt(d)
         outs, lses = [], []
-        for g in resolve(pattern, n, h):
-            if isinstance(g, Dense):
-                g = Dilated(segment=n, dilation=1, offsets=(0,) * h)
-            if not isinstance(g, Dilated):
-                raise NotImplementedError("gather + SDPA + scatter covers dilated and dense "
-                                          "branches only")
+        for g in _dilated_branches(pattern, n, h):
             out = q.new_zeros(q.shape)
             lse = q.new_full((b, h, n), float("-inf"), dtype=torch.float32)
             for offset in sorted(set(g.offsets)):
@@ -154,9 +152,68 @@ def gather_sdpa_scatter(pattern: spattn.Pattern) -> Attention:
                     lse.view(b, h * n).index_copy_(1, index, lse_part.reshape(b, -1))
             outs.append(out)
             lses.append(lse)
-        total = torch.logsumexp(torch.stack(lses), 0)
-        total = torch.where(total.isfinite(), total, 0.0)
-        return sum(o * torch.exp(branch_lse - total).unsqueeze(-1).to(o.dtype)
-                   for o, branch_lse in zip(outs, lses, strict=True))
+        return merge_by_lse(outs, lses)
+
+    return run
+
+
+def merge_by_lse(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
+    """The branches' outputs weighted by exp(branch LSE - total LSE); rows no branch reaches
+    stay zero."""
+    total = torch.logsumexp(torch.stack(lses), 0)
+    total = torch.where(total.isfinite(), total, 0.0)
+    return sum(o * torch.exp(branch_lse - total).unsqueeze(-1).to(o.dtype)
+               for o, branch_lse in zip(outs, lses, strict=True))
+
+
+def _dilated_branches(pattern: spattn.Pattern, n: int, heads: int) -> list[Dilated]:
+    branches = []
+    for g in resolve(pattern, n, heads):
+        if isinstance(g, Dense):
+            g = Dilated(segment=n, dilation=1, offsets=(0,) * heads)
+        if not isinstance(g, Dilated):
+            raise NotImplementedError("gather + SDPA + scatter covers dilated and dense "
+                                      "branches only")
+        branches.append(g)
+    return branches
+
+
+def _dilated_view(t: torch.Tensor, start: int, end: int, length: int, offset: int,
+                  dilation: int) -> torch.Tensor:
+    """Rows start..end of t (..., N, D) cut into segments of `length`, each segment's rows
+    offset, offset + dilation, ...: (..., segments, m, D), a view."""
+    return t[..., start:end, :].unflatten(-2, ((end - start) // length, length))[
+        ..., offset::dilation, :]
+
+
+def strided_sdpa_scatter(pattern: spattn.Pattern) -> Attention:
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, h, n, d = q.shape
+        group = h // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        scale = pattern.softmax_scale or 1.0 / math.sqrt(d)
+        outs, lses = [], []
+        for g in _dilated_branches(pattern, n, h):
+            out = q.new_zeros(q.shape)
+            lse = q.new_full((b, h, n), float("-inf"), dtype=torch.float32)
+            full = n // g.segment * g.segment
+            runs = [(0, full, g.segment), (full, n, n - full)]  # whole segments, then the rest
+            for offset in sorted(set(g.offsets)):
+                heads = [i for i in range(h) if g.offsets[i] == offset]
+                every = len(heads) == h
+                for start, end, length in runs:
+                    if offset >= length:  # (also: no rows in this run)
+                        continue
+                    for head in [slice(None)] if every else heads:
+                        views = [_dilated_view(t[:, head], start, end, length, offset,
+                                               g.dilation) for t in (q, k, v, out)]
+                        o, lse_part = sdpa_with_lse(*(t.flatten(0, -3)[:, None] for t
+                                                      in views[:3]), pattern.causal, scale)
+                        views[3].copy_(o.view(views[3].shape))
+                        _dilated_view(lse[:, head, :, None], start, end, length, offset,
+                                      g.dilation).copy_(lse_part.view(*views[3].shape[:-1], 1))
+            outs.append(out)
+            lses.append(lse)
+        return merge_by_lse(outs, lses)
 
     return run

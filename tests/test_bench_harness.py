@@ -92,3 +92,43 @@ def test_cpu_scale_run_times_every_length_and_its_memory(tmp_path):
     assert 0 < float(rows[0]["peak_mb"]) < float(rows[1]["peak_mb"])
     assert all(float(r["us_per_token"]) > 0 for r in rows)
     assert (tmp_path / "cpu_longnet_scale.png").stat().st_size > 0
+
+
+SHAPES = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu_shapes.py"
+
+
+def test_cpu_shapes_times_spattn_and_both_longnet_peers_at_every_shape(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(SHAPES), "--seq-len", "512", "--cases", "longnet-lm", "--repeats",
+         "1", "--results", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = (tmp_path / "cpu_shapes.csv").read_text().splitlines()
+    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
+    shapes = {(r["batch"], r["heads"], r["kv_heads"], r["head_dim"], r["dtype"]) for r in rows}
+    assert len(shapes) == 5 and ("1", "8", "2", "64", "float32") in shapes
+    assert {(r["pass"], r["method"]) for r in rows} == {
+        (p, m) for p in ("fwd", "fwd+bwd") for m in ("spattn", "gather", "strided")}
+    assert all(float(r["ms"]) > 0 for r in rows)
+    assert "| longnet-lm | fwd+bwd | 2 | 4/4 | 64 | float32 |" in done.stdout
+
+
+def test_both_longnet_peers_compute_the_pattern():
+    """The two ways of writing LongNet's method (index lists, strided views) against the float64
+    reference: odd lengths, GQA, a last short segment; their LSE is float32, hence 1e-5."""
+    import torch
+    from reference import reference_attention
+
+    sys.path.insert(0, str(SHAPES.parent))
+    import peers
+
+    import spattn
+    from spattn.patterns.report import scale_pattern
+
+    for name in ("longnet-lm", "longnet-geometric", "longvit", "dense-causal"):
+        pattern = scale_pattern(spattn.load_pattern(name), 64)
+        for n, heads, kv_heads in ((100, 4, 4), (257, 4, 2), (64, 2, 1)):
+            q = torch.randn(2, heads, n, 8, dtype=torch.float64)
+            k, v = (torch.randn(2, kv_heads, n, 8, dtype=torch.float64) for _ in range(2))
+            want = reference_attention(q, k, v, pattern)
+            for method in (peers.gather_sdpa_scatter, peers.strided_sdpa_scatter):
+                torch.testing.assert_close(method(pattern)(q, k, v), want, rtol=0, atol=1e-5)
