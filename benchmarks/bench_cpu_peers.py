@@ -14,6 +14,8 @@ fp32, B=1, H=4, D=64:
 - masked SDPA: `scaled_dot_product_attention` with the pattern as an additive mask (log of each
   pair's count, -inf where none): exact for every pattern, N <= 4K (the mask is H x N x N);
 - gather: gather + SDPA + scatter, LongNet's own method (dilated and dense branches only);
+- window blocks: a causal sliding window by query blocks of W rows over the 2W keys that end
+  with them, one masked SDPA call (patterns that are one causal window only);
 - flex: FlexAttention compiled for the CPU with spattn's exported mask (N <= 4K: it takes
   25-40 s a call at 16K; the mask is built over every (query, key) pair). Its backward does not
   run on the CPU (NotImplementedError), so it has no forward+backward times.
@@ -49,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-PEERS = ("dense SDPA", "masked SDPA", "gather", "flex")
+PEERS = ("dense SDPA", "masked SDPA", "gather", "window blocks", "flex")
 B, H, D = 1, 4, 64
 DENSE_GFLOPS = 40.0  # this machine's dense SDPA rate, for skipping calls past the budget
 FLEX_MAX_N = 4096  # compiled FlexAttention on CPU takes 25-40 s a call at 16K
@@ -92,6 +94,8 @@ def methods(pattern: spattn.Pattern, n: int, backward: bool, budget_s: float,
         found["masked SDPA"] = peers.masked_sdpa(pattern, n, H, torch.device("cpu"))
     found["gather"] = (peers.gather_sdpa_scatter(pattern) if _dilated_only(pattern, n)
                        else "not dilated")
+    found["window blocks"] = (peers.window_blocks(pattern) if peers.causal_window(pattern, n, H)
+                              else "not one causal window")
     union = pattern.model_copy(update={"overlap": "union"})
     if n > FLEX_MAX_N:
         found["flex"] = f"N > {FLEX_MAX_N}"

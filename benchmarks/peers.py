@@ -14,6 +14,8 @@
 - `strided_sdpa_scatter`: the same method written as torchscale writes it, independently of the
   above: each segment's dilated rows are a strided view of the tensor (no index lists), the
   dense problems run on those views, and the outputs are written back through the same views.
+- `window_blocks`: a causal sliding window the way one writes it by hand: query blocks of W rows,
+  each over the 2W keys that end with it (an overlapping view), one masked SDPA call.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 import spattn
 from spattn.compiler.layouts import flex_mask_mod
 from spattn.patterns.counting import branch_mask
-from spattn.patterns.geometry import Dense, Dilated, resolve
+from spattn.patterns.geometry import Dense, Dilated, Window, resolve
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -215,5 +217,44 @@ def strided_sdpa_scatter(pattern: spattn.Pattern) -> Attention:
             outs.append(out)
             lses.append(lse)
         return merge_by_lse(outs, lses)
+
+    return run
+
+
+def causal_window(pattern: spattn.Pattern, n: int, heads: int) -> int | None:
+    """W if the pattern is one causal window on every head at this length, else None."""
+    branches = resolve(pattern, n, heads)
+    if (pattern.causal and len(branches) == 1 and isinstance(branches[0], Window)
+            and branches[0].on_heads is None):
+        return branches[0].size
+    return None
+
+
+def window_blocks(pattern: spattn.Pattern) -> Attention:
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, h, n, d = q.shape
+        size = causal_window(pattern, n, h)
+        if size is None:
+            raise NotImplementedError("window blocks cover one causal window only")
+        group = h // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        scale = pattern.softmax_scale or 1.0 / math.sqrt(d)
+        blocks = -(-n // size)
+        q, k, v = (F.pad(t, (0, 0, 0, blocks * size - n)) for t in (q, k, v))
+        first = [t[:, :, :size] for t in (q, k, v)]  # block 0: plain causal attention
+        out = [F.scaled_dot_product_attention(*first, is_causal=True, scale=scale)]
+        if blocks > 1:
+            # block i > 0: queries (i W .. i W + W), keys ((i - 1) W .. i W + W); query row r
+            # takes key column c when r < c <= r + W
+            row, col = torch.arange(size)[:, None], torch.arange(2 * size)[None, :]
+            band = ((col > row) & (col <= row + size)).to(q.device)
+            rest = q[:, :, size:].reshape(b, h * (blocks - 1), size, d)
+            keys = [t.as_strided((b, h, blocks - 1, 2 * size, d),
+                                 (t.stride(0), t.stride(1), size * t.stride(2), t.stride(2),
+                                  t.stride(3))).reshape(b, h * (blocks - 1), 2 * size, d)
+                    for t in (k, v)]
+            o = F.scaled_dot_product_attention(rest, *keys, attn_mask=band, scale=scale)
+            out.append(o.view(b, h, (blocks - 1) * size, d))
+        return torch.cat(out, 2)[:, :, :n]
 
     return run

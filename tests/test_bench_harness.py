@@ -42,7 +42,8 @@ PEERS = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu_peers.py
 def test_cpu_peers_runs_end_to_end_and_says_which_peers_compute_the_pattern(tmp_path):
     done = subprocess.run(
         [sys.executable, str(PEERS), "--seq-lens", "512", "--cases", "longnet-lm/16",
-         "dense-causal", "--peers", "dense SDPA", "masked SDPA", "gather", "--repeats", "1",
+         "dense-causal", "sliding-window/8", "--peers", "dense SDPA", "masked SDPA", "gather",
+         "window blocks", "--repeats", "1",
          "--results", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = (tmp_path / "cpu_peers.csv").read_text().splitlines()
@@ -56,6 +57,8 @@ def test_cpu_peers_runs_end_to_end_and_says_which_peers_compute_the_pattern(tmp_
     assert same["dense-causal", "fwd+bwd", "masked SDPA"] == "yes"
     assert same["longnet-lm/16", "fwd", "dense SDPA"] == "no"
     assert same["dense-causal", "fwd+bwd", "dense SDPA"] == "yes"
+    assert same["sliding-window/8", "fwd+bwd", "window blocks"] == "yes"  # W = 512: one block
+    assert same["longnet-lm/16", "fwd", "window blocks"] == "not one causal window"
     assert all(float(r["ms"]) > 0 for r in rows if r["ms"])
     assert (tmp_path / "cpu_peers.png").stat().st_size > 0
     assert "spattn time / peer time" in done.stdout
@@ -112,9 +115,10 @@ def test_cpu_shapes_times_spattn_and_both_longnet_peers_at_every_shape(tmp_path)
     assert "| longnet-lm | fwd+bwd | 2 | 4/4 | 64 | float32 |" in done.stdout
 
 
-def test_both_longnet_peers_compute_the_pattern():
+def test_hand_written_peers_compute_the_pattern():
     """The two ways of writing LongNet's method (index lists, strided views) against the float64
-    reference: odd lengths, GQA, a last short segment; their LSE is float32, hence 1e-5."""
+    reference: odd lengths, GQA, a last short segment; their LSE is float32, hence 1e-5. Window
+    blocks too (several blocks, a last short one), forward and backward."""
     import torch
     from reference import reference_attention
 
@@ -132,3 +136,14 @@ def test_both_longnet_peers_compute_the_pattern():
             want = reference_attention(q, k, v, pattern)
             for method in (peers.gather_sdpa_scatter, peers.strided_sdpa_scatter):
                 torch.testing.assert_close(method(pattern)(q, k, v), want, rtol=0, atol=1e-5)
+    window = scale_pattern(spattn.load_pattern("sliding-window"), 128)  # W = 32
+    for n, heads, kv_heads in ((100, 4, 4), (32, 2, 2), (257, 4, 2), (20, 2, 1)):
+        q = torch.randn(2, heads, n, 8, dtype=torch.float64, requires_grad=True)
+        k, v = (torch.randn(2, kv_heads, n, 8, dtype=torch.float64, requires_grad=True)
+                for _ in range(2))
+        got, want = peers.window_blocks(window)(q, k, v), reference_attention(q, k, v, window)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+        grad = torch.randn_like(got)
+        for g, w in zip(torch.autograd.grad(got, (q, k, v), grad),
+                        torch.autograd.grad(want, (q, k, v), grad), strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
