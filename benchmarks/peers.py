@@ -236,6 +236,7 @@ def window_blocks(pattern: spattn.Pattern) -> Attention:
         size = causal_window(pattern, n, h)
         if size is None:
             raise NotImplementedError("window blocks cover one causal window only")
+        size = min(size, n)  # a window as long as the sequence: plain causal attention
         group = h // k.shape[1]
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         scale = pattern.softmax_scale or 1.0 / math.sqrt(d)
