@@ -131,7 +131,14 @@ def _gather(t: torch.Tensor, index: torch.Tensor, shape: tuple[int, int]) -> tor
     return rows.view(shape[0], 1, shape[1], d)
 
 
-def gather_sdpa_scatter(pattern: spattn.Pattern) -> Attention:
+Branch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Dilated,
+                   bool, float], None]
+
+
+def longnet_method(pattern: spattn.Pattern, one_branch: Branch) -> Attention:
+    """LongNet's method around `one_branch(q, k, v, out, lse, branch, causal, scale)`, which
+    writes one dilated branch's output and LSE: K and V expanded to every query head first (as
+    LongNet's code does), then each branch alone, then the branches merged by LSE."""
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, h, n, d = q.shape
         group = h // k.shape[1]
@@ -139,21 +146,9 @@ def gather_sdpa_scatter(pattern: spattn.Pattern) -> Attention:
         scale = pattern.softmax_scale or 1.0 / math.sqrt(d)
         outs, lses = [], []
         for g in _dilated_branches(pattern, n, h):
-            out = q.new_zeros(q.shape)
-            lse = q.new_full((b, h, n), float("-inf"), dtype=torch.float32)
-            for offset in sorted(set(g.offsets)):
-                heads = torch.tensor([i for i in range(h) if g.offsets[i] == offset])
-                for rows in _segment_rows(n, g.segment, g.dilation, offset):
-                    segs, m = rows.shape
-                    # (head, position) pairs as indices into the (B, H*N, ...) flattening
-                    index = (heads[:, None] * n + rows.flatten()[None, :]).flatten().to(q.device)
-                    shape = (b * len(heads) * segs, m)  # one dense problem per head and segment
-                    o, lse_part = sdpa_with_lse(
-                        *(_gather(t, index, shape) for t in (q, k, v)), pattern.causal, scale)
-                    out.view(b, h * n, d).index_copy_(1, index, o.reshape(b, -1, d))
-                    lse.view(b, h * n).index_copy_(1, index, lse_part.reshape(b, -1))
-            outs.append(out)
-            lses.append(lse)
+            outs.append(q.new_zeros(q.shape))
+            lses.append(q.new_full((b, h, n), float("-inf"), dtype=torch.float32))
+            one_branch(q, k, v, outs[-1], lses[-1], g, pattern.causal, scale)
         return merge_by_lse(outs, lses)
 
     return run
@@ -180,6 +175,26 @@ def _dilated_branches(pattern: spattn.Pattern, n: int, heads: int) -> list[Dilat
     return branches
 
 
+def _gathered_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor, g: Dilated, causal: bool, scale: float) -> None:
+    b, h, n, d = q.shape
+    for offset in sorted(set(g.offsets)):
+        heads = torch.tensor([i for i in range(h) if g.offsets[i] == offset])
+        for rows in _segment_rows(n, g.segment, g.dilation, offset):
+            segs, m = rows.shape
+            # (head, position) pairs as indices into the (B, H*N, ...) flattening
+            index = (heads[:, None] * n + rows.flatten()[None, :]).flatten().to(q.device)
+            shape = (b * len(heads) * segs, m)  # one dense problem per head and segment
+            o, lse_part = sdpa_with_lse(*(_gather(t, index, shape) for t in (q, k, v)), causal,
+                                        scale)
+            out.view(b, h * n, d).index_copy_(1, index, o.reshape(b, -1, d))
+            lse.view(b, h * n).index_copy_(1, index, lse_part.reshape(b, -1))
+
+
+def gather_sdpa_scatter(pattern: spattn.Pattern) -> Attention:
+    return longnet_method(pattern, _gathered_branch)
+
+
 def _dilated_view(t: torch.Tensor, start: int, end: int, length: int, offset: int,
                   dilation: int) -> torch.Tensor:
     """Rows start..end of t (..., N, D) cut into segments of `length`, each segment's rows
@@ -188,37 +203,28 @@ def _dilated_view(t: torch.Tensor, start: int, end: int, length: int, offset: in
         ..., offset::dilation, :]
 
 
-def strided_sdpa_scatter(pattern: spattn.Pattern) -> Attention:
-    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        b, h, n, d = q.shape
-        group = h // k.shape[1]
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-        scale = pattern.softmax_scale or 1.0 / math.sqrt(d)
-        outs, lses = [], []
-        for g in _dilated_branches(pattern, n, h):
-            out = q.new_zeros(q.shape)
-            lse = q.new_full((b, h, n), float("-inf"), dtype=torch.float32)
-            full = n // g.segment * g.segment
-            runs = [(0, full, g.segment), (full, n, n - full)]  # whole segments, then the rest
-            for offset in sorted(set(g.offsets)):
-                heads = [i for i in range(h) if g.offsets[i] == offset]
-                every = len(heads) == h
-                for start, end, length in runs:
-                    if offset >= length:  # (also: no rows in this run)
-                        continue
-                    for head in [slice(None)] if every else heads:
-                        views = [_dilated_view(t[:, head], start, end, length, offset,
-                                               g.dilation) for t in (q, k, v, out)]
-                        o, lse_part = sdpa_with_lse(*(t.flatten(0, -3)[:, None] for t
-                                                      in views[:3]), pattern.causal, scale)
-                        views[3].copy_(o.view(views[3].shape))
-                        _dilated_view(lse[:, head, :, None], start, end, length, offset,
-                                      g.dilation).copy_(lse_part.view(*views[3].shape[:-1], 1))
-            outs.append(out)
-            lses.append(lse)
-        return merge_by_lse(outs, lses)
+def _strided_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor, g: Dilated, causal: bool, scale: float) -> None:
+    h, n = q.shape[1], q.shape[2]
+    full = n // g.segment * g.segment
+    runs = [(0, full, g.segment), (full, n, n - full)]  # whole segments, then the rest
+    for offset in sorted(set(g.offsets)):
+        heads = [i for i in range(h) if g.offsets[i] == offset]
+        for start, end, length in runs:
+            if offset >= length:  # (also: no rows in this run)
+                continue
+            for head in [slice(None)] if len(heads) == h else heads:
+                views = [_dilated_view(t[:, head], start, end, length, offset, g.dilation)
+                         for t in (q, k, v, out)]
+                o, lse_part = sdpa_with_lse(*(t.flatten(0, -3)[:, None] for t in views[:3]),
+                                            causal, scale)
+                views[3].copy_(o.view(views[3].shape))
+                _dilated_view(lse[:, head, :, None], start, end, length, offset,
+                              g.dilation).copy_(lse_part.view(*views[3].shape[:-1], 1))
 
-    return run
+
+def strided_sdpa_scatter(pattern: spattn.Pattern) -> Attention:
+    return longnet_method(pattern, _strided_branch)
 
 
 def causal_window(pattern: spattn.Pattern, n: int, heads: int) -> int | None:

@@ -1,5 +1,6 @@
-"""benchmarks/bench_gpu.py end to end on CPU: every method checked against the float64
-reference, timed, and written to a CSV (the GPU sweep runs the same code)."""
+"""The benchmark scripts end to end on CPU, at tiny sizes: each checks its methods, times them
+and writes its CSV (benchmarks/bench_gpu.py's GPU sweep runs the same code as its CPU check);
+and the hand-written peers against the float64 reference."""
 
 from __future__ import annotations
 
@@ -8,19 +9,30 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_bench(script: str, tmp_path: Path, *args: str) -> str:
+    """Run benchmarks/`script` with `args`, its results in tmp_path; its standard output."""
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--results",
+                           str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def csv_rows(path: Path) -> tuple[str, list[dict]]:
+    """A results CSV: its first (comment) line and its rows."""
+    lines = path.read_text().splitlines()
+    return lines[0], list(csv.DictReader(line for line in lines if not line.startswith("#")))
 
 
 def test_cpu_check_runs_end_to_end(tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--cpu-check", "--seq-lens", "256", "--patterns",
-         "longnet-lm", "sink-window", "--methods", "spattn", "sdpa", "gather", "--repeats", "1",
-         "--results", str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    out = run_bench("bench_gpu.py", tmp_path, "--cpu-check", "--seq-lens", "256", "--patterns",
+                    "longnet-lm", "sink-window", "--methods", "spattn", "sdpa", "gather",
+                    "--repeats", "1")
     [path] = tmp_path.glob("harness_*.csv")
-    lines = path.read_text().splitlines()
-    assert lines[0].startswith("# CPU") and "torch" in lines[0] and "triton" in lines[0]
-    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
+    first, rows = csv_rows(path)
+    assert first.startswith("# CPU") and "torch" in first and "triton" in first
     spattn_rows = [r for r in rows if r["method"] == "spattn"]
     assert {r["pass"] for r in spattn_rows} == {"fwd", "fwd+bwd"}
     for row in rows:
@@ -33,22 +45,15 @@ def test_cpu_check_runs_end_to_end(tmp_path):
                for r in lnet)
     gather_sink = [r for r in rows if r["method"] == "gather" and "sink" in r["pattern"]]
     assert gather_sink and all(r["status"].startswith("n/a") for r in gather_sink)
-    assert "vs X = X's time / spattn's" in done.stdout
-
-
-PEERS = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu_peers.py"
+    assert "vs X = X's time / spattn's" in out
 
 
 def test_cpu_peers_runs_end_to_end_and_says_which_peers_compute_the_pattern(tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(PEERS), "--seq-lens", "512", "--cases", "longnet-lm/16",
-         "dense-causal", "sliding-window/8", "--peers", "dense SDPA", "masked SDPA", "gather",
-         "window blocks", "--repeats", "1",
-         "--results", str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = (tmp_path / "cpu_peers.csv").read_text().splitlines()
-    assert lines[0].startswith("# ") and "threads" in lines[0]
-    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
+    out = run_bench("bench_cpu_peers.py", tmp_path, "--seq-lens", "512", "--cases",
+                    "longnet-lm/16", "dense-causal", "sliding-window/8", "--peers", "dense SDPA",
+                    "masked SDPA", "gather", "window blocks", "--repeats", "1")
+    first, rows = csv_rows(tmp_path / "cpu_peers.csv")
+    assert first.startswith("# ") and "threads" in first
     same = {(r["case"], r["pass"], r["method"]): r["same"] for r in rows}
     # gather and masked SDPA (log 2 where two branches give a pair) compute longnet-lm
     # exactly, dense SDPA does not; all three compute dense-causal
@@ -61,35 +66,22 @@ def test_cpu_peers_runs_end_to_end_and_says_which_peers_compute_the_pattern(tmp_
     assert same["longnet-lm/16", "fwd", "window blocks"] == "not one causal window"
     assert all(float(r["ms"]) > 0 for r in rows if r["ms"])
     assert (tmp_path / "cpu_peers.png").stat().st_size > 0
-    assert "spattn time / peer time" in done.stdout
-
-
-SHARING = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu_sharing.py"
+    assert "spattn time / peer time" in out
 
 
 def test_cpu_sharing_times_each_way_of_planning(tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(SHARING), "--seq-lens", "256", "--cases", "longnet-lm", "--repeats",
-         "1", "--results", str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = (tmp_path / "cpu_sharing.csv").read_text().splitlines()
-    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
+    run_bench("bench_cpu_sharing.py", tmp_path, "--seq-lens", "256", "--cases", "longnet-lm",
+              "--repeats", "1")
+    _, rows = csv_rows(tmp_path / "cpu_sharing.csv")
     assert [(r["pass"], r["chains"]) for r in rows] == [("fwd", "((0, 1, 2), (3, 4))"),
                                                         ("fwd+bwd", "((0, 1, 2), (3, 4))")]
     assert all(float(r[f"{way}_ms"]) > 0 for r in rows for way in ("never", "always", "model"))
 
 
-LONGNET = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu_longnet.py"
-
-
 def test_cpu_scale_run_times_every_length_and_its_memory(tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(LONGNET), "--scale", "--heads", "1", "--seq-lens", "1024", "4096",
-         "--repeats", "1", "--results", str(tmp_path)], capture_output=True, text=True,
-        timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = (tmp_path / "cpu_longnet_scale.csv").read_text().splitlines()
-    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
+    run_bench("bench_cpu_longnet.py", tmp_path, "--scale", "--heads", "1", "--seq-lens", "1024",
+              "4096", "--repeats", "1")
+    _, rows = csv_rows(tmp_path / "cpu_longnet_scale.csv")
     assert [(r["method"], int(r["seq_len"])) for r in rows] == [("spattn", 1024), ("spattn", 4096)]
     # memory grows with N, measured in each length's own process from its own start
     assert 0 < float(rows[0]["peak_mb"]) < float(rows[1]["peak_mb"])
@@ -97,22 +89,16 @@ def test_cpu_scale_run_times_every_length_and_its_memory(tmp_path):
     assert (tmp_path / "cpu_longnet_scale.png").stat().st_size > 0
 
 
-SHAPES = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu_shapes.py"
-
-
 def test_cpu_shapes_times_spattn_and_both_longnet_peers_at_every_shape(tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(SHAPES), "--seq-len", "512", "--cases", "longnet-lm", "--repeats",
-         "1", "--results", str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = (tmp_path / "cpu_shapes.csv").read_text().splitlines()
-    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
+    out = run_bench("bench_cpu_shapes.py", tmp_path, "--seq-len", "512", "--cases",
+                    "longnet-lm", "--repeats", "1")
+    _, rows = csv_rows(tmp_path / "cpu_shapes.csv")
     shapes = {(r["batch"], r["heads"], r["kv_heads"], r["head_dim"], r["dtype"]) for r in rows}
     assert len(shapes) == 5 and ("1", "8", "2", "64", "float32") in shapes
     assert {(r["pass"], r["method"]) for r in rows} == {
         (p, m) for p in ("fwd", "fwd+bwd") for m in ("spattn", "gather", "strided")}
     assert all(float(r["ms"]) > 0 for r in rows)
-    assert "| longnet-lm | fwd+bwd | 2 | 4/4 | 64 | float32 |" in done.stdout
+    assert "| longnet-lm | fwd+bwd | 2 | 4/4 | 64 | float32 |" in out
 
 
 def test_hand_written_peers_compute_the_pattern():
@@ -122,7 +108,7 @@ def test_hand_written_peers_compute_the_pattern():
     import torch
     from reference import reference_attention
 
-    sys.path.insert(0, str(SHAPES.parent))
+    sys.path.insert(0, str(BENCHMARKS))
     import peers
 
     import spattn
