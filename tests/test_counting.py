@@ -210,3 +210,30 @@ def test_million_tokens_is_fast() -> None:
             counts = count_pairs(pattern, 1_000_000, 8)
             assert time.perf_counter() - started < 3.0
             assert 0 < counts.total <= sum(counts.branches)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(patterns(kinds=ALL_KINDS), st.integers(0, 2**32 - 1))
+def test_add_counts_stacks_dilated_branches_exactly(case: tuple[Pattern, int, int],
+                                                    seed: int) -> None:
+    """add_counts evaluates the dilated branches of a small call together: the same counts as
+    each branch's own per-head predicate, on a whole (N, N) grid and on a few queries against
+    scattered kept keys (decoding), branches for some heads included."""
+    import torch
+
+    from spattn.patterns import geometry
+
+    pattern, n, heads = case
+    branches = resolve(pattern, n, heads)
+    gen = torch.Generator().manual_seed(seed)
+    pos = torch.arange(n)
+    kept = torch.randperm(n, generator=gen)[:max(1, n // 2)].sort().values
+    for qpos, kpos in ((pos[:, None], pos[None, :]), (pos[-2:, None], kept[None, :])):
+        shape = torch.broadcast_shapes(qpos.shape, kpos.shape)
+        want = torch.zeros((heads, *shape))
+        for g in branches:
+            want += torch.stack([g.allows(h, qpos, kpos).expand(shape) for h in range(heads)])
+        got = geometry.add_counts(torch.zeros((heads, *shape)), branches, heads, qpos, kpos)
+        assert torch.equal(got, want)
+    stacked = [g for g in branches if isinstance(g, geometry.Dilated)]
+    assert len(stacked) < 2 or len(stacked) * heads * n * n <= geometry.STACKED_LIMIT  # taken

@@ -8,7 +8,9 @@ backend, counting, pictures, the compiler) starts from `resolve`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -171,6 +173,48 @@ class Dense(_OnHeads):
 
 
 Geometry = Dilated | Window | Global | Strided | RandomBlocks | Dense
+
+STACKED_LIMIT = 1 << 18  # (branch, head, query, key) predicates add_counts builds at once
+
+
+def add_counts(counts: torch.Tensor, branches: Sequence[Geometry], heads: int,
+               qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+    """counts (heads, *broadcast shape) += how many of `branches` give each (head, query, key)
+    pair. The dilated branches of a small call (decoding: one query over the kept keys) are
+    evaluated together, a few tensor operations in all rather than a few per branch."""
+    dilated = tuple(g for g in branches if isinstance(g, Dilated))
+    size = len(dilated) * heads * qpos.numel() * kpos.numel()  # at least the broadcast size
+    if len(dilated) > 1 and size <= STACKED_LIMIT:
+        counts += _dilated_counts(dilated, heads, qpos, kpos)
+        branches = [g for g in branches if not isinstance(g, Dilated)]
+    for g in branches:
+        counts += g.allows_heads(heads, qpos, kpos)
+    return counts
+
+
+def _dilated_counts(branches: tuple[Dilated, ...], heads: int, qpos: torch.Tensor,
+                    kpos: torch.Tensor) -> torch.Tensor:
+    """Dilated.allows_heads of every branch, summed: (heads, *broadcast shape)."""
+    segment, dilation, offsets = _dilated_tables(branches, heads, qpos.device)
+    ones = [1] * qpos.dim()
+    segment, dilation = segment.view(-1, *ones), dilation.view(-1, *ones)
+    offsets = offsets.view(len(branches), heads, *ones)  # -1 on heads a branch skips
+    same_segment = (qpos // segment) == (kpos // segment)  # (branches, *shape)
+    q_class = ((qpos % segment) % dilation).unsqueeze(1)  # (branches, 1, *q shape)
+    k_class = ((kpos % segment) % dilation).unsqueeze(1)
+    allowed = same_segment.unsqueeze(1) & (q_class == offsets) & (k_class == offsets)
+    return allowed.sum(0)
+
+
+@lru_cache(maxsize=64)
+def _dilated_tables(branches: tuple[Dilated, ...], heads: int, device: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The branches' segments and dilations (branches,), and offsets (branches, heads), -1 where
+    a branch does not apply to a head (a residue class is never -1)."""
+    offsets = [[g.offsets[h] if g.applies(h) else -1 for h in range(heads)] for g in branches]
+    return (torch.tensor([g.segment for g in branches], device=device),
+            torch.tensor([g.dilation for g in branches], device=device),
+            torch.tensor(offsets, device=device))
 
 
 def head_offsets(mode: str, dilation: int, heads: int) -> tuple[int, ...]:

@@ -25,7 +25,7 @@ from functools import cached_property
 
 import torch
 
-from spattn.patterns.geometry import Geometry
+from spattn.patterns.geometry import Geometry, add_counts
 from spattn.runtime import costs
 from spattn.runtime.kernels import Mask
 from spattn.runtime.pieces import MASK_BUDGET, Piece
@@ -199,8 +199,7 @@ def pair_counts(branches: tuple[Geometry, ...], n: int, heads: int, causal: bool
     pos = torch.arange(n, device=device)
     qpos, kpos = pos[:, None], pos[None, :]
     counts = torch.zeros((heads, n, n), dtype=dtype, device=device)
-    for g in branches:
-        counts += g.allows_heads(heads, qpos, kpos)
+    add_counts(counts, branches, heads, qpos, kpos)
     if union:
         counts.clamp_(max=1)
     if causal:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from spattn.patterns.geometry import resolve
+from spattn.patterns.geometry import add_counts, resolve
 from spattn.patterns.spec import Pattern
 from spattn.runtime.generated import table_length
 
@@ -39,8 +39,7 @@ def attend_cached(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         hi = min(t, lo + step)
         qpos = torch.arange(first + lo, first + hi, device=q.device)
         weight = torch.zeros((heads, hi - lo, m), dtype=acc, device=q.device)
-        for g in branches:
-            weight += g.allows_heads(heads, qpos[:, None], kpos[None, :])
+        add_counts(weight, branches, heads, qpos[:, None], kpos[None, :])
         if pattern.overlap == "union":
             weight.clamp_(max=1)
         weight *= kpos[None, :] <= qpos[:, None]
