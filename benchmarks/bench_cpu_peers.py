@@ -106,15 +106,6 @@ def methods(pattern: spattn.Pattern, n: int, backward: bool, budget_s: float,
     return {name: fn for name, fn in found.items() if name == "spattn" or name in chosen}
 
 
-def _call(fn: Callable, q, k, v, grad, backward: bool) -> torch.Tensor:
-    out = fn(q, k, v)
-    if backward:
-        for t in (q, k, v):
-            t.grad = None
-        out.backward(grad)
-    return out
-
-
 def measure(case: str, pattern: spattn.Pattern, n: int, backward: bool, repeats: int,
             budget_s: float, chosen: tuple[str, ...] = PEERS) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
@@ -129,9 +120,9 @@ def measure(case: str, pattern: spattn.Pattern, n: int, backward: bool, repeats:
     outputs, first = {}, {}
     for name, fn in list(timed.items()):  # warm-up (compiles), and the outputs compared
         try:
-            outputs[name] = _call(fn, q, k, v, grad, backward).detach()
+            outputs[name] = peers.run_pass(fn, q, k, v, grad, backward).detach()
             start = time.perf_counter()
-            _call(fn, q, k, v, grad, backward)
+            peers.run_pass(fn, q, k, v, grad, backward)
             first[name] = time.perf_counter() - start
         except Exception as error:  # a peer that cannot run this case: say why, go on
             found[name] = f"failed: {type(error).__name__}"
@@ -150,7 +141,7 @@ def measure(case: str, pattern: spattn.Pattern, n: int, backward: bool, repeats:
             if round_ >= repeats and not same[name]:
                 continue
             start = time.perf_counter()
-            _call(fn, q, k, v, grad, backward)
+            peers.run_pass(fn, q, k, v, grad, backward)
             times[name].append(time.perf_counter() - start)
     flops = useful_flops(count_pairs(pattern, n, H).total, D, B) * (3.5 if backward else 1.0)
     best = {name: min(t) * 1e3 for name, t in times.items()}

@@ -59,16 +59,8 @@ def measure(case: str, n: int, shape: tuple, backward: bool, repeats: int) -> li
     methods = {"spattn": peers.spattn_attention(pattern, "torch"),
                "gather": peers.gather_sdpa_scatter(pattern),
                "strided": peers.strided_sdpa_scatter(pattern)}
-
-    def call(fn):
-        out = fn(q, k, v)
-        if backward:
-            for t in (q, k, v):
-                t.grad = None
-            out.backward(grad)
-        return out.detach()
-
-    outputs = {name: call(fn) for name, fn in methods.items()}  # the warm-up
+    outputs = {name: peers.run_pass(fn, q, k, v, grad, backward).detach()  # the warm-up
+               for name, fn in methods.items()}
     for name, out in outputs.items():
         error = (out.float() - outputs["spattn"].float()).abs().max().item()
         if error > TOLERANCE[dtype_name]:
@@ -78,7 +70,7 @@ def measure(case: str, n: int, shape: tuple, backward: bool, repeats: int) -> li
     for round_ in range(repeats):
         for name, fn in order[round_ % len(order):] + order[:round_ % len(order)]:
             start = time.perf_counter()
-            call(fn)
+            peers.run_pass(fn, q, k, v, grad, backward)
             times[name].append(time.perf_counter() - start)
     best = {name: min(t) * 1e3 for name, t in times.items()}
     flops = useful_flops(count_pairs(pattern, n, h).total, d, b) * (3.5 if backward else 1.0)

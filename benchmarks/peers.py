@@ -34,6 +34,25 @@ from spattn.patterns.geometry import Dense, Dilated, Window, resolve
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def run_pass(fn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             grad: torch.Tensor, backward: bool) -> torch.Tensor:
+    """One timed unit: fn's forward, and with `backward` its backward with `grad` too."""
+    out = fn(q, k, v)
+    if backward:
+        for t in (q, k, v):
+            t.grad = None
+        out.backward(grad)
+    return out
+
+
+def _every_head(pattern: spattn.Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """K and V expanded to every query head (as LongNet's code does), and the softmax scale."""
+    group = q.shape[1] // k.shape[1]
+    scale = pattern.softmax_scale or 1.0 / math.sqrt(q.shape[-1])
+    return k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), scale
+
+
 def spattn_attention(pattern: spattn.Pattern, backend: str) -> Attention:
     return lambda q, k, v: spattn.attention(q, k, v, pattern, backend=backend)
 
@@ -137,13 +156,11 @@ Branch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch
 
 def longnet_method(pattern: spattn.Pattern, one_branch: Branch) -> Attention:
     """LongNet's method around `one_branch(q, k, v, out, lse, branch, causal, scale)`, which
-    writes one dilated branch's output and LSE: K and V expanded to every query head first (as
-    LongNet's code does), then each branch alone, then the branches merged by LSE."""
+    writes one dilated branch's output and LSE: K and V expanded to every query head first,
+    then each branch alone, then the branches merged by LSE."""
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, h, n, d = q.shape
-        group = h // k.shape[1]
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-        scale = pattern.softmax_scale or 1.0 / math.sqrt(d)
+        k, v, scale = _every_head(pattern, q, k, v)
         outs, lses = [], []
         for g in _dilated_branches(pattern, n, h):
             outs.append(q.new_zeros(q.shape))
@@ -243,9 +260,7 @@ def window_blocks(pattern: spattn.Pattern) -> Attention:
         if size is None:
             raise NotImplementedError("window blocks cover one causal window only")
         size = min(size, n)  # a window as long as the sequence: plain causal attention
-        group = h // k.shape[1]
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-        scale = pattern.softmax_scale or 1.0 / math.sqrt(d)
+        k, v, scale = _every_head(pattern, q, k, v)
         blocks = -(-n // size)
         q, k, v = (F.pad(t, (0, 0, 0, blocks * size - n)) for t in (q, k, v))
         first = [t[:, :, :size] for t in (q, k, v)]  # block 0: plain causal attention
