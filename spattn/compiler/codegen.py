@@ -100,6 +100,8 @@ def pattern_literal(pattern: Pattern) -> dict:
         "kv_heads": pattern.kv_heads, "head_dim": pattern.head_dim,
         "offsets_heads": pattern.required_heads(), "min_heads": pattern.min_heads(),
         "branches": [_branch(b) for b in pattern.expanded_branches()],
+        # the pattern itself, for the runtime's PyTorch reach of non-finite inputs
+        "spec": pattern.model_dump(mode="json", by_alias=True, exclude_none=True),
     }
 
 

@@ -114,9 +114,9 @@ def _merge(out, lse, grp: _OffsetGroup, o: torch.Tensor, s: torch.Tensor) -> Non
     at = (slice(None), grp.heads[:, None], grp.rows[None, :])
     l_acc, s = lse[at], s.to(lse.dtype)
     l_new = torch.logaddexp(l_acc, s)
-    finite = l_new.isfinite()  # rows still without keys stay 0, never NaN
-    w_acc = torch.where(finite, torch.exp(l_acc - l_new), 0).unsqueeze(-1)
-    w_new = torch.where(finite, torch.exp(s - l_new), 0).unsqueeze(-1)
+    has = l_new != float("-inf")  # rows still without keys stay 0; a NaN stays NaN
+    w_acc = torch.where(has, torch.exp(l_acc - l_new), 0).unsqueeze(-1)
+    w_new = torch.where(has, torch.exp(s - l_new), 0).unsqueeze(-1)
     out[at] = out[at] * w_acc + o.to(out.dtype) * w_new
     lse[at] = l_new
 

@@ -12,9 +12,36 @@ import torch
 
 from spattn.patterns.geometry import add_counts, resolve
 from spattn.patterns.spec import Pattern
+from spattn.runtime import nonfinite
 from spattn.runtime.generated import table_length
 
 WEIGHT_BUDGET = 1 << 24  # (batch, head, query, key) scores built at once
+
+
+def decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+           first: int, pattern: Pattern, scale: float, sinks: torch.Tensor | None,
+           backend: str) -> torch.Tensor:
+    """Queries at positions first .. first+T-1 against keys at `positions`: the generated decode
+    kernel on the triton backend (without sinks), else attend_cached. Non-finite inputs reach
+    exactly the rows that attend them (runtime/nonfinite.py)."""
+    def run(q, keys, values):
+        if backend == "triton" and sinks is None:
+            from spattn.runtime import triton_backend  # (it imports what imports this)
+
+            module = triton_backend.compiled_module(pattern)
+            return module.decode_attention(q.contiguous(), keys.contiguous(),
+                                           values.contiguous(), positions, first,
+                                           scale=scale), None
+        return attend_cached(q, keys, values, positions, first, pattern, scale, sinks), None
+
+    def reach(bad_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        zq = torch.zeros(*q.shape[:3], 2, device=q.device)
+        zk = torch.zeros(*keys.shape[:3], 2, device=q.device)
+        out = attend_cached(zq, zk, nonfinite.indicator_values(bad_keys), positions, first,
+                            pattern, 1.0)
+        return nonfinite.read_reach(out)
+
+    return nonfinite.guard_forward(run, reach, q, keys, values)[0]
 
 
 def attend_cached(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -31,8 +31,7 @@ from spattn.limits import check_scale
 from spattn.patterns.loader import load_pattern
 from spattn.patterns.retention import cache_bound, last_use
 from spattn.patterns.spec import Pattern
-from spattn.runtime import triton_backend
-from spattn.runtime.cached import attend_cached
+from spattn.runtime.cached import decode
 from spattn.runtime.dispatch import (
     InputError,
     attention,
@@ -255,11 +254,8 @@ class KVCache:
         self._keys, self._values, self._positions, self._last_use = keys, values, positions, last
 
     def _decode(self, q, keys, values, positions, first, scale, sinks) -> torch.Tensor:
-        if self._backend_name == "triton" and sinks is None:
-            module = triton_backend.compiled_module(self.pattern)
-            return module.decode_attention(q.contiguous(), keys, values, positions, first,
-                                           scale=scale)
-        return attend_cached(q, keys, values, positions, first, self.pattern, scale, sinks)
+        return decode(q, keys, values, positions, first, self.pattern, scale, sinks,
+                      self._backend_name)
 
     def _check_shape(self, call) -> None:
         """The first call fixes B, H, Hkv, D, dtype and device (and the backend); later calls

@@ -15,6 +15,7 @@ import torch
 from spattn.limits import check_scale
 from spattn.patterns.blocks import random_blocks
 from spattn.patterns.geometry import head_offsets as _offsets
+from spattn.runtime import nonfinite
 from spattn.runtime.configs import launch_config, recording, recording_capability
 from spattn.runtime.dispatch import Call, InputError, check_fixed, check_tensors
 from spattn.runtime.tuning import launch
@@ -195,22 +196,52 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 class GeneratedAttention(torch.autograd.Function):
     """A generated module's forward and backward kernels as one differentiable op. The forward
-    keeps only O and the merged LSE for the backward."""
+    keeps only O and the merged LSE for the backward. Non-finite inputs reach exactly the rows
+    that attend them (runtime/nonfinite.py)."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                kernels: tuple[Callable, Callable]) -> torch.Tensor:
+                kernels: tuple[Callable, Callable], pattern: dict | None = None
+                ) -> torch.Tensor:
         forward, backward = kernels
-        out, lse = forward(q, k, v, scale=scale)
+        reach, _ = _guards(pattern, q, k, scale)
+        out, lse = nonfinite.guard_forward(lambda *t: forward(*t, scale=scale), reach, q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.backward = scale, backward
+        ctx.scale, ctx.backward, ctx.pattern = scale, backward, pattern
         return out
 
     @staticmethod
     def backward(ctx, d_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.backward(d_out, q, k, v, out, lse, scale=ctx.scale)
-        return dq, dk, dv, None, None
+        reach, attended = _guards(ctx.pattern, q, k, ctx.scale)
+        dq, dk, dv = nonfinite.guard_backward(
+            lambda *t: ctx.backward(*t, scale=ctx.scale), reach, attended, d_out, q, k, v, out,
+            lse)
+        return dq, dk, dv, None, None, None
+
+
+def _guards(pattern: dict | None, q: torch.Tensor, k: torch.Tensor, scale: float
+            ) -> tuple[nonfinite.Reach, Callable[[torch.Tensor], torch.Tensor]]:
+    """nonfinite's reach and attended for a module's PATTERN, worked out only when asked (a
+    call whose inputs are all finite never asks)."""
+    def problem():
+        from spattn.patterns.spec import Pattern
+        from spattn.runtime import ops  # (it imports what imports this)
+
+        if pattern is None or "spec" not in pattern:
+            raise InputError("non-finite inputs need the module's PATTERN spec: compile the "
+                             "module again")
+        return ops, ops.problem_of(Pattern.model_validate(pattern["spec"]), q, k, scale)
+
+    def reach(bad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ops, found = problem()
+        return ops.reach(found, q)(bad)
+
+    def attended(rows: torch.Tensor) -> torch.Tensor:
+        ops, found = problem()
+        return ops.attended(found, q)(rows)
+
+    return reach, attended
 
 
 @lru_cache(maxsize=256)

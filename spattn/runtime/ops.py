@@ -19,18 +19,25 @@ rowsum(dO * O) already account for the sink, and dt_h = -sum_p exp(t_h - LSE_p) 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
 
 from spattn.patterns.geometry import resolve
 from spattn.patterns.spec import Pattern
-from spattn.runtime import costs, torch_backend, triton_backend
+from spattn.runtime import costs, nonfinite, torch_backend, triton_backend
 
 _PATTERNS: dict[str, Pattern] = {}
 
 
 _KEYS: OrderedDict[int, tuple[Pattern, str]] = OrderedDict()  # id -> (the pattern, its key)
+
+
+def problem_of(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, scale: float
+               ) -> torch_backend.Problem:
+    """The PyTorch backend's Problem of a call of `pattern` on q, k."""
+    return _problem(register(pattern), q, k, scale)
 
 
 def register(pattern: Pattern) -> str:
@@ -96,14 +103,50 @@ def merge_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
              key: str, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(O, LSE) of a registered pattern on `backend`: the forward op's body."""
-    if backend == "triton":
-        out, lse = triton_backend.compiled_module(_PATTERNS[key]).attention_with_lse(
-            q, k, v, scale=scale)
-    else:
-        out, lse = torch_backend.forward(q, k, v, _problem(key, q, k, scale))
+    problem = _problem(key, q, k, scale)
+
+    def run(q, k, v):
+        if backend == "triton":
+            return triton_backend.compiled_module(_PATTERNS[key]).attention_with_lse(
+                q, k, v, scale=scale)
+        return torch_backend.forward(q, k, v, problem)
+
+    out, lse = nonfinite.guard_forward(run, reach(problem, q), q, k, v)
     if sinks is not None:
         out, lse = merge_sinks(out, lse, sinks)
     return out, lse
+
+
+def _indicators(problem: torch_backend.Problem, q: torch.Tensor, dim: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero queries (B, H, N, dim) and keys (B, Hkv, N, dim) in float32 on q's device."""
+    b, h, n = q.shape[:3]
+    zeros = torch.zeros(b, h, n, dim, device=q.device)
+    return zeros, zeros.new_zeros(b, problem.kv_heads, n, dim)
+
+
+def reach(problem: torch_backend.Problem, q: torch.Tensor) -> nonfinite.Reach:
+    """Which rows attend a bad key, and which have a key at all (nonfinite.guard_forward)."""
+    def reach(bad_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        zq, zk = _indicators(problem, q, 2)
+        out, _ = torch_backend.forward(zq, zk, nonfinite.indicator_values(bad_keys), problem)
+        return nonfinite.read_reach(out)
+
+    return reach
+
+
+def attended(problem: torch_backend.Problem, q: torch.Tensor
+             ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The keys (B, Hkv, N) that some of the given rows (B, H, N) attend: dV of an all-zero
+    call whose dO is 1 on those rows is P^T dO > 0 exactly there."""
+    def attended(rows: torch.Tensor) -> torch.Tensor:
+        zq, zk = _indicators(problem, q, 1)
+        zero_out, lse = torch_backend.forward(zq, zk, zk, problem)
+        _, _, dv = torch_backend.backward(rows.to(torch.float32).unsqueeze(-1), zq, zk, zk,
+                                          zero_out, lse, problem)
+        return dv[..., 0] > 0
+
+    return attended
 
 
 @torch.library.custom_op("spattn::attention_forward", mutates_args=())
@@ -124,12 +167,16 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                        sinks: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, key: str,
                        scale: float, backend: str
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        dq, dk, dv = triton_backend.compiled_module(_PATTERNS[key]).attention_backward(
-            do, q, k, v, out, lse, scale=scale)
-    else:
-        dq, dk, dv = torch_backend.backward(do.contiguous(), q, k, v, out, lse,
-                                            _problem(key, q, k, scale))
+    problem = _problem(key, q, k, scale)
+
+    def run(do, q, k, v, out, lse):
+        if backend == "triton":
+            return triton_backend.compiled_module(_PATTERNS[key]).attention_backward(
+                do, q, k, v, out, lse, scale=scale)
+        return torch_backend.backward(do.contiguous(), q, k, v, out, lse, problem)
+
+    dq, dk, dv = nonfinite.guard_backward(run, reach(problem, q), attended(problem, q), do, q,
+                                          k, v, out, lse)
     if sinks is None:
         return dq, dk, dv, do.new_empty(0)
     delta = (do.to(lse.dtype) * out.to(lse.dtype)).sum(-1)  # rowsum(dO * O), (B, H, N)

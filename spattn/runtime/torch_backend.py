@@ -211,7 +211,8 @@ def _merge(rows: Rows, o_acc_all: torch.Tensor, l_acc_all: torch.Tensor, o_p: to
     o_acc, l_acc = rows.take(o_acc_all), rows.take(l_acc_all)
     l_p = l_p.to(acc)
     l_new = torch.logaddexp(l_acc, l_p)
-    share = torch.exp(l_p - l_new).nan_to_num_(0.0)  # NaN: a row with no key yet on either side
+    # a row with no key yet on either side has l_new = -inf: no share (a NaN stays NaN)
+    share = torch.exp(l_p - l_new).masked_fill_(l_new == float("-inf"), 0.0)
     o_acc.lerp_(o_p.to(acc), share.unsqueeze(-1))
     l_acc.copy_(l_new)
     if rows.index is not None or rows.starts is not None:  # take gathered a copy
