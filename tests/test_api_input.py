@@ -101,3 +101,33 @@ def test_key_padding_mask_padding_the_whole_batch_has_zero_gradients():
     assert not out.any()
     out.sum().backward()
     assert all(t.grad is not None and not t.grad.any() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("queries", [10, 3, 0])
+@pytest.mark.parametrize("how", ["key_padding_mask", "seq_lens", "cu_seqlens"])
+def test_empty_batch_with_several_sequences_is_an_empty_output(layout, queries, how):
+    """B = 0 with a padding mask or packed lengths, in either layout, queries as many as the keys
+    or fewer: an empty output and zero gradients, never torch.cat's error."""
+    q = torch.randn(0, 2, queries, 8, requires_grad=True)
+    k, v = (torch.randn(0, 1, 10, 8, requires_grad=True) for _ in range(2))
+    args = {"key_padding_mask": {"key_padding_mask": torch.zeros(0, 10, dtype=torch.bool)},
+            "seq_lens": {"seq_lens": [4, 6]}, "cu_seqlens": {"cu_seqlens": [0, 4, 10]}}[how]
+    views = [x.transpose(1, 2) if layout == "bnhd" else x for x in (q, k, v)]
+    out = spattn.attention(*views, "longnet-lm", layout=layout, **args)
+    assert out.shape == views[0].shape
+    out.sum().backward()
+    assert all(x.grad is not None and x.grad.shape == x.shape for x in (q, k, v))
+
+
+@pytest.mark.parametrize("how", ["key_padding_mask", "seq_lens"])
+def test_module_takes_an_empty_batch(how):
+    from spattn.modules import MultiheadDilatedAttention
+
+    layer = MultiheadDilatedAttention(16, 2, "longnet-lm")
+    x = torch.randn(0, 10, 16, requires_grad=True)
+    args = {"key_padding_mask": torch.zeros(0, 10, dtype=torch.bool)} if how != "seq_lens" \
+        else {"seq_lens": [4, 6]}
+    y = layer(x, **args)
+    y.sum().backward()
+    assert y.shape == x.shape and torch.equal(x.grad, torch.zeros_like(x))

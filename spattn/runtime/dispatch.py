@@ -17,7 +17,7 @@ from spattn.errors import SpattnError
 from spattn.limits import check_scale
 from spattn.patterns.loader import load_pattern
 from spattn.patterns.spec import Pattern
-from spattn.runtime import costs, ops, triton_backend, varlen
+from spattn.runtime import costs, nonfinite, ops, varlen
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -84,7 +84,8 @@ class TritonBackend(Backend):
         problem = interpreter_problem(call.device)
         if problem:
             return problem
-        if call.seq_len > MAX_TOKENS or call.seq_len * call.head_dim >= 2**31:
+        if call.seq_len is not None and (call.seq_len > MAX_TOKENS
+                                         or call.seq_len * call.head_dim >= 2**31):
             return (f"its kernels take N <= 2^30 tokens and N * D < 2^31 (32-bit offsets), got "
                     f"N = {call.seq_len}, D = {call.head_dim}")
         if call.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -152,15 +153,13 @@ _CHOSEN: dict[tuple, tuple[str, str, float, bool | None]] = {}  # _choose's answ
 _CHOSEN_MAX = 1024
 
 
-@torch._dynamo.assume_constant_result
 def _choose(pattern: Pattern, sizes: tuple[int, int, int, int, int], dtype: torch.dtype,
             device: torch.device, needs_grad: bool, backend: str | None, scale: float | None
             ) -> tuple[str, str, float, bool | None]:
-    """(backend name, pattern key, scale, dense) for a checked call, `dense` the causality of a
-    call that is plain dense attention on the torch backend (else None); under torch.compile
-    this runs once at trace time, on plain values, and its result is a constant of the graph.
-    Remembered per call shape and cost model: right after a large kernel call, with the
-    caches cold, working it out again costs tens of microseconds."""
+    """(backend name, pattern key, scale, dense) for a checked eager call, `dense` the causality
+    of a call that is plain dense attention on the torch backend (else None). Remembered per
+    call shape and cost model: right after a large kernel call, with the caches cold, working
+    it out again costs tens of microseconds."""
     if scale is not None and type(scale) is not float:  # a tensor or other object: not kept
         return _choose_anew(pattern, sizes, dtype, device, needs_grad, backend, scale)
     memo = (ops.register(pattern), sizes, dtype, device, needs_grad, backend, scale,
@@ -174,7 +173,8 @@ def _choose(pattern: Pattern, sizes: tuple[int, int, int, int, int], dtype: torc
     return found
 
 
-def _choose_anew(pattern: Pattern, sizes: tuple[int, int, int, int, int], dtype: torch.dtype,
+def _choose_anew(pattern: Pattern, sizes: tuple[int, int, int, int, int],
+                 dtype: torch.dtype,
                  device: torch.device, needs_grad: bool, backend: str | None, scale: object
                  ) -> tuple[str, str, float, bool | None]:
     call = Call(*sizes, dtype, device, needs_grad)
@@ -190,6 +190,41 @@ def _choose_anew(pattern: Pattern, sizes: tuple[int, int, int, int, int], dtype:
         dense = ops.dense_causality(key, call.heads, call.kv_heads, call.seq_len, call.head_dim,
                                     scale)
     return name, key, scale, dense
+
+
+def _traced_choice(pattern: Pattern | str, call: Call, backend: str | None, scale: object
+                   ) -> tuple[str, str, float, None]:
+    """_choose under torch.compile, where B, H, N and D may be symbolic (a compiled model sees
+    many lengths, or dynamic=True): what depends on no size is worked out once at trace time
+    (_choose_unsized), the rest is checked in the graph. Nothing decided from sizes (the dense
+    shortcut, the decoding path) is taken: the op serves every size."""
+    given = scale if scale is None or type(scale) is float else None
+    name, key, fixed, default = _choose_unsized(pattern, call.dtype, call.device,
+                                                call.needs_grad, backend, given)
+    heads, kv_heads, head_dim, offsets_heads, min_heads, label = fixed
+    check_fixed(call, label, heads, kv_heads, head_dim, offsets_heads)
+    if min_heads > call.heads:
+        raise InputError(f"pattern '{label}' has a branch for head {min_heads - 1}, but q has "
+                         f"{call.heads} heads")
+    if given is None and scale is not None:
+        default = check_scale(scale)
+    return name, key, default if default is not None else 1.0 / math.sqrt(call.head_dim), None
+
+
+@torch._dynamo.assume_constant_result
+def _choose_unsized(pattern: Pattern | str, dtype: torch.dtype, device: torch.device,
+                    needs_grad: bool, backend: str | None, scale: float | None
+                    ) -> tuple[str, str, tuple, float | None]:
+    """(backend, pattern key, what the pattern fixes, the scale unless it is 1/sqrt(D)) of a
+    traced call, from constants only."""
+    pattern = load_pattern(pattern)
+    call = Call(None, None, None, None, None, dtype, device, needs_grad)
+    if scale is None and pattern.softmax_scale:
+        scale = pattern.softmax_scale
+    fixed = (pattern.heads, pattern.kv_heads, pattern.head_dim, pattern.required_heads(),
+             pattern.min_heads(), pattern.name)
+    return (pick_backend(call, pattern, backend), ops.register(pattern), fixed,
+            None if scale is None else check_scale(scale))
 
 
 def resolve_scale(pattern: Pattern, scale: object, head_dim: int) -> float:
@@ -246,7 +281,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     convention), each row's real tokens one contiguous run. Each sequence is segmented from its
     own first token and never attends another; padding rows get zeros.
     """
-    pattern = load_pattern(pattern)
+    if not torch.compiler.is_compiling():  # traced, _choose loads it, once, at trace time
+        pattern = load_pattern(pattern)
     if layout not in LAYOUTS:
         raise InputError(f"layout must be 'bhnd' (B, H, N, D) or 'bnhd' (B, N, H, D), got "
                          f"{layout!r}")
@@ -264,29 +300,32 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
 
 def _one(q, k, v, pattern: Pattern, call: Call, backend: str | None, scale: object,
          sinks: torch.Tensor | None) -> torch.Tensor:
-    sizes = (call.batch, call.heads, call.kv_heads, call.seq_len, call.head_dim)
-    name, key, scale, dense = _choose(pattern, sizes, call.dtype, call.device, call.needs_grad,
-                                      backend, scale)
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        name, key, scale, dense = _traced_choice(pattern, call, backend, scale)
+    else:
+        sizes = (call.batch, call.heads, call.kv_heads, call.seq_len, call.head_dim)
+        name, key, scale, dense = _choose(pattern, sizes, call.dtype, call.device,
+                                          call.needs_grad, backend, scale)
     if call.queries == 0 or call.batch == 0:
         return q.new_zeros(q.shape) + varlen.connected_zero(q, k, v)
     first = call.seq_len - call.queries  # the position of query row 0
-    if not first and dense is not None and sinks is None:  # exactly torch's own attention
-        # torch's own call, unchanged (folding the heads into the batch measured no faster at
-        # 1K-16K tokens and cost about 30 us a call in reshapes)
+    if not first and dense is not None and sinks is None and nonfinite.finite(q, k, v):
+        # exactly torch's own attention, unchanged (folding the heads into the batch measured
+        # no faster at 1K-16K tokens and cost about 30 us a call in reshapes); a non-finite
+        # input takes the op, whose guard puts NaN exactly where it belongs (SDPA's fused CPU
+        # kernel drops a NaN query row at some sizes)
         return F.scaled_dot_product_attention(q, k, v, is_causal=dense, scale=scale)
     if not first:
         return BACKENDS[name].run(q, k, v, key, scale, sinks)
     grad = call.needs_grad or (sinks is not None and sinks.requires_grad
                                and torch.is_grad_enabled())
-    if pattern.causal and not grad and call.queries <= SHORT_QUERIES:  # decoding
-        from spattn.runtime.cached import attend_cached  # (it imports what imports this)
+    if not compiling and pattern.causal and not grad and call.queries <= SHORT_QUERIES:
+        # decoding
+        from spattn.runtime.cached import decode  # (it imports what imports this)
 
         positions = torch.arange(call.seq_len, device=q.device)
-        if name == "triton" and sinks is None:
-            module = triton_backend.compiled_module(pattern)
-            return module.decode_attention(q.contiguous(), k.contiguous(), v.contiguous(),
-                                           positions, first, scale=scale)
-        return attend_cached(q, k, v, positions, first, pattern, scale, sinks)
+        return decode(q, k, v, positions, first, pattern, scale, sinks, name)
     # the rows of the full forward, by it: zero queries in front (their dO is 0, so they add
     # nothing to dK and dV)
     full = torch.cat([q.new_zeros(call.batch, call.heads, first, call.head_dim), q], 2)

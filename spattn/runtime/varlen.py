@@ -117,7 +117,8 @@ def packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: Bounds,
     if first:
         full = torch.cat([q.new_zeros(*q.shape[:2], first, q.shape[3]), q], 2)
         return packed(full, k, v, bounds, attend)[:, :, first:]
-    return torch.cat([attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]) for a, b in bounds], 2)
+    parts = [attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]) for a, b in bounds]
+    return torch.cat(parts, 2) if parts else q.new_zeros(q.shape) + connected_zero(q, k, v)
 
 
 def padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: Bounds,
@@ -135,7 +136,7 @@ def padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: Bounds,
                                  v[row:row + 1, :, a:b]))
         pieces.append(q.new_zeros(1, q.shape[1], q.shape[2] - hi, q.shape[3]))
         rows.append(torch.cat(pieces, 2))
-    out = torch.cat(rows, 0)
+    out = torch.cat(rows, 0) if rows else q.new_zeros(q.shape)  # rows: none when B = 0
     if not out.requires_grad and torch.is_grad_enabled():  # every row padding: zero gradients
         out = out + connected_zero(q, k, v)
     return out
