@@ -79,6 +79,18 @@ CASES = [
     ("unknown-random-key.yaml", "branches[2].random.replace", 6,
      "unknown key; expected one of: block, blocks, seed"),
     ("negative-random-seed.yaml", "branches[0].random.seed", 6, "expected an integer >= 0, got -1"),
+    # YAML 1.1 readings (octal, sexagesimal, 1_024, yes, dates) are not YAML 1.2's: refused
+    ("leading-zero-int.yaml", "branches[1].dilation", 5, "ambiguous integer '02': a leading zero"),
+    ("sexagesimal-int.yaml", "branches[0].segment", 4,
+     "expected an integer, got the string '1:30'"),
+    ("underscore-int.yaml", "branches[0].segment", 4,
+     "expected an integer, got the string '1_024'"),
+    ("yes-for-bool.yaml", "causal", 2, "expected true or false, got the string 'yes'"),
+    ("timestamp-tag.yaml", "description", 2, "the tag !!timestamp is not supported"),
+    ("duplicate-merge-key.yaml", "branches[1].<<", 6, "duplicate merge key '<<' (first given on "
+                                                       "line 5)"),
+    ("merged-twice.yaml", "branches[2].<<", 5, "key 'segment' is given by two merged mappings "
+                                                "(lines 3 and 4)"),
 ]
 
 
@@ -126,8 +138,8 @@ def test_non_utf8_and_unreadable(tmp_path: Path) -> None:
     with pytest.raises(PatternError, match="not UTF-8") as info:
         load_pattern(bad)
     assert info.value.line == 1
-    with pytest.raises(PatternError, match="cannot read"):
-        load_pattern(tmp_path)  # a directory
+    with pytest.raises(PatternError, match="cannot read a directory as a pattern"):
+        load_pattern(tmp_path)
 
 
 # --- built-ins ----------------------------------------------------------------------------------
@@ -166,13 +178,13 @@ def test_builtin_branches() -> None:
     (window,) = load_pattern("sliding-window").branches
     assert isinstance(window, WindowBranch) and window.window.size == 4096
     sink, window = load_pattern("sink-window").branches
-    assert isinstance(sink, GlobalBranch) and sink.global_.tokens == [0, 1, 2, 3]
+    assert isinstance(sink, GlobalBranch) and sink.global_.tokens == (0, 1, 2, 3)
     assert isinstance(window, WindowBranch) and window.window.size == 4096
     (dense,) = load_pattern("dense-causal").branches
     assert isinstance(dense, DenseBranch)
     bigbird = load_pattern("bigbird")
     tokens, window, random = bigbird.branches
-    assert isinstance(tokens, GlobalBranch) and tokens.global_.tokens == list(range(64))
+    assert isinstance(tokens, GlobalBranch) and tokens.global_.tokens == tuple(range(64))
     assert isinstance(window, WindowBranch) and window.window.size == 192
     assert isinstance(random, RandomBranch)
     assert (random.random.block, random.random.blocks, random.random.seed) == (64, 3, 0)

@@ -9,7 +9,9 @@ reports the first. Loading only reads.
 from __future__ import annotations
 
 import difflib
+import errno
 import os
+import stat
 import typing
 from importlib import resources
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -61,7 +63,11 @@ def builtin_patterns() -> list[BuiltinPattern]:
 
 def load_pattern(path_or_name: Pattern | str | os.PathLike[str]) -> Pattern:
     """Load a pattern from a YAML file or, failing that, the built-in pattern of that name; a
-    Pattern is returned as it is. Anything else is a PatternError saying what is expected."""
+    Pattern is returned as it is. Anything else is a PatternError saying what is expected.
+
+    Only a regular file (or a link to one) is a pattern file: a directory named like a built-in
+    (what `spattn compile longnet-lm -o longnet-lm` makes) leaves the built-in found, and a FIFO,
+    device or directory given as the path is refused without being read."""
     if isinstance(path_or_name, Pattern):
         return path_or_name
     if not isinstance(path_or_name, (str, os.PathLike)):
@@ -71,16 +77,15 @@ def load_pattern(path_or_name: Pattern | str | os.PathLike[str]) -> Pattern:
     if not isinstance(path, str):  # a PathLike of bytes
         raise PatternError(f"pattern must be a spattn.Pattern, a built-in name or a YAML path, "
                            f"got a path of {type(path).__name__}")
-    if os.path.exists(path):
-        try:
-            with open(path, "rb") as file:
-                data = file.read(MAX_YAML_BYTES + 1)  # never more, whatever the file's size
-        except OSError as error:
-            raise PatternError(f"cannot read the file: {error.strerror}", source=path) from None
-        _check_size(len(data), path)
-        return load_pattern_text(_decode(data, path), source=path)
+    mode, unreadable = _file_mode(path)
+    if mode is not None and stat.S_ISREG(mode):
+        return load_pattern_text(_decode(_read_regular(path), path), source=path)
     if path in builtin_names():
         return _load_builtin(path)
+    if mode is not None:
+        raise _not_a_file(path, mode)
+    if unreadable is not None:
+        raise PatternError(f"cannot read the file: {unreadable}", source=path)
     raise PatternError(
         f"no such file, and no built-in pattern of that name "
         f"(built-ins: {', '.join(builtin_names())})",
@@ -105,6 +110,58 @@ def load_pattern_text(text: str, source: str = "<string>") -> Pattern:
 
 def _library() -> Traversable:
     return resources.files("spattn.patterns").joinpath("library")
+
+
+def _file_mode(path: str) -> tuple[int | None, str | None]:
+    """(the st_mode of what `path` names, links followed, or None; why it cannot be looked at,
+    or None when it is there or nothing is)."""
+    try:
+        return os.stat(path).st_mode, None
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in the path
+        return None, None
+    except OSError as error:
+        return None, None if error.errno == errno.ENAMETOOLONG else error.strerror
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"))
+
+
+def _not_a_file(path: str, mode: int) -> PatternError:
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return PatternError(f"cannot read {kind} as a pattern: a pattern file is a regular file",
+                        source=path)
+
+
+def _read_regular(path: str) -> bytes:
+    """At most MAX_YAML_BYTES + 1 bytes of the regular file at `path`. Opened without blocking
+    and checked again once open, so a file swapped for a FIFO or device is refused, not read."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) \
+        | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as error:
+        raise PatternError(f"cannot read the file: {error.strerror}", source=path) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_a_file(path, mode)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_YAML_BYTES:  # never more, whatever the file's size
+            chunk = os.read(fd, MAX_YAML_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as error:
+        raise PatternError(f"cannot read the file: {error.strerror}", source=path) from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    _check_size(len(data), path)
+    return data
 
 
 def _load_builtin(name: str) -> Pattern:
@@ -165,20 +222,23 @@ def _parse(text: str, source: str) -> tuple[dict[str, Any], dict[Loc, int]]:
 
 def _record_lines(node: yaml.Node, path: Loc, lines: dict[Loc, int], seen: dict[int, Loc],
                   source: str) -> None:
-    """Fill `lines` below `node` and `seen` (node id: its first path), and reject duplicate keys
-    (PyYAML would keep the last one)."""
+    """Fill `lines` below `node` and `seen` (node id: its first path), and reject duplicate keys,
+    merge keys `<<` included (PyYAML would keep the last one)."""
     if id(node) in seen:  # an alias: walk each node once, whatever the anchors
         return
     seen[id(node)] = path
     if isinstance(node, yaml.MappingNode):
         first_line: dict[str, int] = {}
         for key, value in node.value:
-            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+            if not isinstance(key, yaml.ScalarNode):
                 continue
             line, child = key.start_mark.line + 1, (*path, key.value)
             if key.value in first_line:
-                raise _error(f"duplicate key '{_clip(key.value)}' (first given on line "
-                             f"{first_line[key.value]})", source, _dotted(child), line)
+                merge = key.tag == bounded_yaml.MERGE
+                raise _error(f"duplicate {'merge ' if merge else ''}key '{_clip(key.value)}' "
+                             f"(first given on line {first_line[key.value]})"
+                             + ("; merge several mappings with one key: <<: [*a, *b]"
+                                if merge else ""), source, _dotted(child), line)
             first_line[key.value] = lines[child] = line
             _record_lines(value, child, lines, seen, source)
     elif isinstance(node, yaml.SequenceNode):
@@ -258,6 +318,7 @@ def _message(kind: str, ctx: dict[str, Any], value: Any, default: str) -> str:
         "string_type": "a string",
         "float_type": "a number",
         "list_type": "a list",
+        "tuple_type": "a list",
         "model_type": "a mapping",
         "dict_type": "a mapping",
         "literal_error": ctx.get("expected"),
@@ -290,11 +351,11 @@ def _show(value: Any) -> str:
     if isinstance(value, str):
         return f"the string {_clip(value)!r}" if len(value) <= SHOWN else (
             f"a string of {len(value):,} characters, {_clip(value, 20)!r}")
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         if not value:
             return "an empty list"
         if len(value) <= 8 and all(_is_small(x) for x in value):
-            return f"a list {_clip(repr(value), 40)}"
+            return f"a list {_clip(repr(list(value)), 40)}"
         return f"a list of {len(value):,} items"
     if isinstance(value, dict):
         if not value:

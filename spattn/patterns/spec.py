@@ -1,5 +1,9 @@
 """The pattern language: pydantic models for the YAML of SEMANTICS.md.
 
+A pattern is immutable all the way down: frozen models and tuples (a list given for a list field
+becomes a tuple), and `model_copy(update=...)` validates its update like a new model. So a
+pattern always computes what its content hash, and every cache keyed on it, say.
+
 Pydantic stays at this edge. Everything past `Pattern` works on the plain frozen dataclasses of
 `spattn.patterns.geometry`, resolved for one sequence length and head count.
 """
@@ -8,11 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -23,6 +29,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticKnownError
 
 from spattn.limits import (
     MAX_BRANCHES,
@@ -53,6 +60,20 @@ def _at_most(limit: int) -> AfterValidator:
     return AfterValidator(check)
 
 
+def _frozen(max_length: int) -> BeforeValidator:
+    """A list becomes a tuple, so no list is ever stored; one longer than `max_length` is
+    refused as pydantic's own too_long before it is copied."""
+    def freeze(value: Any) -> Any:
+        if not isinstance(value, list):
+            return value  # a tuple validates as it is; anything else fails as 'not a list'
+        if len(value) > max_length:
+            raise PydanticKnownError("too_long", {"field_type": "List", "max_length": max_length,
+                                                  "actual_length": len(value)})
+        return tuple(value)
+
+    return BeforeValidator(freeze)
+
+
 Size = Annotated[PositiveInt, _at_most(MAX_SIZE)]  # a token count: segment, window, stride...
 Position = Annotated[NonNegativeInt, _at_most(MAX_SIZE)]  # a token position or an offset
 
@@ -74,17 +95,29 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True,
                               hide_input_in_errors=True)
 
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy; with `update`, the fields given so far and the update validated as a new
+        model (pydantic's own copy stores an update unchecked: a list, an unknown key, a size
+        past its bound)."""
+        if not update:
+            return super().model_copy(deep=deep)
+        names = {field.alias: name for name, field in type(self).model_fields.items()
+                 if field.alias}
+        data = {name: getattr(self, name) for name in self.model_fields_set}
+        data.update((names.get(key, key), value) for key, value in update.items())
+        return self.model_validate(data)
+
 
 class _Branch(_Spec):
     """What every branch kind may carry: `heads`, the query heads it applies to (all when
     absent); other heads get nothing from the branch."""
 
-    heads: Annotated[list[Annotated[NonNegativeInt, _at_most(MAX_HEADS - 1)]],
-                     Field(min_length=1, max_length=MAX_HEADS)] | None = None
+    heads: Annotated[tuple[Annotated[NonNegativeInt, _at_most(MAX_HEADS - 1)], ...],
+                     _frozen(MAX_HEADS), Field(min_length=1, max_length=MAX_HEADS)] | None = None
 
     @field_validator("heads")
     @classmethod
-    def _distinct_heads(cls, heads: list[int] | None) -> list[int] | None:
+    def _distinct_heads(cls, heads: tuple[int, ...] | None) -> tuple[int, ...] | None:
         seen: set[int] = set()
         for i, h in enumerate(heads or ()):
             if h in seen:
@@ -101,13 +134,14 @@ class DilatedBranch(_Branch):
 
     segment: Size
     dilation: Size
-    offsets: Annotated[list[Position], Field(min_length=1, max_length=MAX_HEADS)] | None = None
+    offsets: Annotated[tuple[Position, ...], _frozen(MAX_HEADS),
+                       Field(min_length=1, max_length=MAX_HEADS)] | None = None
 
     @field_validator("offsets")
     @classmethod
     def _offsets_below_dilation(
-        cls, offsets: list[int] | None, info: ValidationInfo
-    ) -> list[int] | None:
+        cls, offsets: tuple[int, ...] | None, info: ValidationInfo
+    ) -> tuple[int, ...] | None:
         dilation = info.data.get("dilation")  # absent when the dilation itself was invalid
         for i, s in enumerate(offsets or ()):
             if dilation is not None and s >= dilation:
@@ -128,7 +162,8 @@ class WindowBranch(_Branch):
 
 
 class GlobalSpec(_Spec):
-    tokens: Annotated[list[Position], Field(min_length=1, max_length=MAX_LIST_ITEMS)]
+    tokens: Annotated[tuple[Position, ...], _frozen(MAX_LIST_ITEMS),
+                      Field(min_length=1, max_length=MAX_LIST_ITEMS)]
 
 
 class GlobalBranch(_Branch):
@@ -250,7 +285,8 @@ class Pattern(_Spec):
     heads: Annotated[PositiveInt, _at_most(MAX_HEADS)] | None = None
     kv_heads: Annotated[PositiveInt, _at_most(MAX_HEADS)] | None = None
     head_dim: Annotated[PositiveInt, _at_most(MAX_HEAD_DIM)] | None = None
-    branches: Annotated[list[Branch], Field(min_length=1, max_length=MAX_BRANCHES)] | None = None
+    branches: Annotated[tuple[Branch, ...], _frozen(MAX_BRANCHES),
+                        Field(min_length=1, max_length=MAX_BRANCHES)] | None = None
     schedule: Schedule | None = None
 
     @field_validator("softmax_scale")
@@ -309,7 +345,7 @@ class Pattern(_Spec):
     def expanded_branches(self) -> tuple[Any, ...]:
         """The branch list, with a geometric schedule written out."""
         if self.branches is not None:
-            return tuple(self.branches)
+            return self.branches
         g = self.schedule.geometric
         return tuple(
             DilatedBranch(segment=g.segment * g.ratio**i, dilation=g.dilation * g.ratio**i)
