@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import spattn
 from spattn.integrations.torchscale import (
+    TorchscaleError,
     convert_state_dict,
     from_torchscale,
     parse_int_list,
@@ -86,3 +89,101 @@ def test_multiway_copies_and_unsupported_parameters():
         convert_state_dict({"xpos.scale": torch.ones(4)})
     with pytest.raises(spattn.SpattnError, match="no torchscale attention parameters"):
         convert_state_dict(state, prefix="decoder.")
+
+
+LINEAR = ["q_proj", "k_proj", "v_proj", "out_proj"]
+PARAMS = [f"{p}.{w}" for p in LINEAR + ["inner_attn_ln"] for w in ("weight", "bias")]
+
+
+def _load(state, multiway=None, prefix="layer.self_attn."):
+    return from_torchscale(state, prefix=prefix, num_heads=4, segment_length="[8]",
+                           dilated_ratio="[1]", causal=True, multiway=multiway)
+
+
+@pytest.fixture
+def no_copy(monkeypatch):
+    """Fails a test that reaches load_state_dict: a bad checkpoint is refused before it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_state_dict was called on a checkpoint that should be refused")
+    monkeypatch.setattr(spattn.MultiheadDilatedAttention, "load_state_dict", refuse)
+
+
+def _variants(multiway):
+    """(state, multiway, prefix, the key its copy uses) for a plain and a multiway layer."""
+    if multiway:
+        state = _torchscale_state_dict(multiway=True, prefix="enc.")
+        return state, "B", "enc.", lambda name: "enc." + name.replace(".", ".B.")
+    return _torchscale_state_dict(), None, "layer.self_attn.", lambda n: f"layer.self_attn.{n}"
+
+
+@pytest.mark.parametrize("multiway", [False, True])
+@pytest.mark.parametrize("name", PARAMS)
+def test_a_missing_parameter_is_named(name, multiway, no_copy):
+    state, copy, prefix, key = _variants(multiway)
+    del state[key(name)]
+    if name.endswith("bias") and not name.startswith("inner"):
+        match = rf"biases on .* only: .*missing {key(name)}"
+    else:
+        shape = r"\(embed_dim, embed_dim\)" if name == "q_proj.weight" else r"\(32(, 32)?,?\)"
+        match = rf"no {key(name)} in the state dict \(expected shape {shape}\)"
+    with pytest.raises(TorchscaleError, match=match):
+        _load(state, copy, prefix)
+
+
+@pytest.mark.parametrize("multiway", [False, True])
+@pytest.mark.parametrize("name", PARAMS)
+def test_a_wrongly_shaped_parameter_is_named_with_both_shapes(name, multiway, no_copy):
+    state, copy, prefix, key = _variants(multiway)
+    shape = tuple(state[key(name)].shape)
+    bad = (shape[0], 16) if len(shape) == 2 else (33,)
+    state[key(name)] = torch.zeros(bad)
+    expected = r"\(embed_dim, embed_dim\)" if name == "q_proj.weight" else re.escape(str(shape))
+    with pytest.raises(TorchscaleError,
+                       match=rf"{key(name)}: expected shape {expected}.*got {re.escape(str(bad))}"):
+        _load(state, copy, prefix)
+
+
+@pytest.mark.parametrize("shape", [(32,), (32, 32, 1), (16, 32), ()])
+def test_a_q_proj_weight_that_is_not_square_is_refused(shape, no_copy):
+    state = _torchscale_state_dict()
+    state["layer.self_attn.q_proj.weight"] = torch.zeros(shape)
+    with pytest.raises(TorchscaleError, match=rf"q_proj.weight: expected shape \(embed_dim, "
+                                              rf"embed_dim\), got {re.escape(str(shape))}"):
+        _load(state)
+
+
+@pytest.mark.parametrize("biased", [["q_proj"], ["k_proj", "out_proj"], LINEAR[1:]])
+def test_biases_on_only_some_projections_are_refused(biased, no_copy):
+    state = _torchscale_state_dict()
+    for name in LINEAR:
+        if name not in biased:
+            del state[f"layer.self_attn.{name}.bias"]
+    missing = [f"layer.self_attn.{n}.bias" for n in LINEAR if n not in biased]
+    with pytest.raises(TorchscaleError,
+                       match=rf"biases on {', '.join(biased)} only: .*{', '.join(missing)}"):
+        _load(state)
+
+
+@pytest.mark.parametrize("value", [[1.0] * 32, torch.zeros(32, dtype=torch.long), None])
+def test_a_value_that_is_not_a_float_tensor_is_named(value, no_copy):
+    state = _torchscale_state_dict()
+    state["layer.self_attn.v_proj.bias"] = value
+    with pytest.raises(TorchscaleError, match="v_proj.bias: expected a floating-point tensor"):
+        _load(state)
+
+
+@pytest.mark.parametrize("key", ["q_proj.weight_g", "out_proj", "k_proj.A.B.weight",
+                                 "inner_attn_ln.running_mean"])
+def test_an_unknown_parameter_is_named(key, no_copy):
+    state = _torchscale_state_dict()
+    state[f"layer.self_attn.{key}"] = torch.zeros(32)
+    with pytest.raises(TorchscaleError, match=rf"{re.escape(key)}: not a parameter"):
+        _load(state)
+
+
+def test_without_biases_or_subln_it_loads():
+    state = {k: v for k, v in _torchscale_state_dict(subln=False).items()
+             if not k.endswith("bias")}
+    layer = _load(state)
+    assert layer.q_proj.bias is None and layer.inner_attn_ln is None
+    assert torch.equal(layer.out_proj.weight, state["layer.self_attn.out_proj.weight"])

@@ -23,7 +23,7 @@ torchscale's code differs.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -34,7 +34,9 @@ from spattn.patterns.spec import Pattern
 
 _LIST = re.compile(r"\[\s*\d+(\s*,\s*\d+)*\s*,?\s*\]|\(\s*\d+(\s*,\s*\d+)*\s*,?\s*\)")
 _MAX_TEXT = 4096  # characters of one config string
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj", "inner_attn_ln")
+_LINEAR = ("q_proj", "k_proj", "v_proj", "out_proj")
+_PROJECTIONS = (*_LINEAR, "inner_attn_ln")
+_PARAMS = ("weight", "bias")
 
 
 class TorchscaleError(SpattnError, ValueError):
@@ -94,19 +96,24 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], *, prefix: str = 
                        multiway: str | None = None) -> dict[str, torch.Tensor]:
     """A torchscale DilatedAttention's parameters (those under `prefix`) renamed for
     MultiheadDilatedAttention."""
+    return {name: value for name, (_, value) in _collect(state_dict, prefix, multiway).items()}
+
+
+def _collect(state_dict: Mapping[str, torch.Tensor], prefix: str,
+             multiway: str | None) -> dict[str, tuple[str, torch.Tensor]]:
+    """MultiheadDilatedAttention's name -> (the checkpoint's key, its value)."""
     if multiway not in (None, "A", "B"):
         raise TorchscaleError(f"multiway must be None, 'A' or 'B', got {multiway!r}")
-    converted: dict[str, torch.Tensor] = {}
+    found: dict[str, tuple[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
         if not key.startswith(prefix):
             continue
-        name = key[len(prefix):]
-        part = name.split(".")
+        part = key[len(prefix):].split(".")
         if part[0] == "xpos":
             raise TorchscaleError(f"{key}: xPos relative positions are not supported by spattn")
-        if part[0] not in _PROJECTIONS:
+        if part[0] not in _PROJECTIONS or part[-1] not in _PARAMS or len(part) not in (2, 3):
             raise TorchscaleError(f"{key}: not a parameter of torchscale's DilatedAttention "
-                                  f"(expected {', '.join(_PROJECTIONS)})")
+                                  f"(expected {', '.join(_PROJECTIONS)} with .weight or .bias)")
         if len(part) == 3:  # a multiway copy: q_proj.A.weight
             if multiway is None:
                 raise TorchscaleError(f"{key}: a multiway layer; choose its copy with "
@@ -114,10 +121,46 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], *, prefix: str = 
             if part[1] != multiway:
                 continue
             part = [part[0], part[2]]
-        converted[".".join(part)] = value
-    if not converted:
+        found[".".join(part)] = (key, value)
+    if not found:
         raise TorchscaleError(f"no torchscale attention parameters under prefix {prefix!r}")
-    return converted
+    return found
+
+
+def _check(params: Mapping[str, tuple[str, torch.Tensor]], key_of: Callable[[str], str]
+           ) -> tuple[int, bool, bool]:
+    """The whole checkpoint checked before anything is copied: (embed_dim, bias, subln)."""
+    for key, value in params.values():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            got = getattr(value, "dtype", type(value).__name__)
+            raise TorchscaleError(f"{key}: expected a floating-point tensor, got {got}")
+    if "q_proj.weight" not in params:
+        raise TorchscaleError(f"no {key_of('q_proj.weight')} in the state dict (expected shape "
+                              f"(embed_dim, embed_dim))")
+    q_key, weight = params["q_proj.weight"]
+    if weight.dim() != 2 or weight.shape[0] != weight.shape[1]:
+        raise TorchscaleError(f"{q_key}: expected shape (embed_dim, embed_dim), got "
+                              f"{tuple(weight.shape)}")
+    embed = weight.shape[1]
+    biased = [p for p in _LINEAR if f"{p}.bias" in params]
+    if biased and len(biased) < len(_LINEAR):
+        missing = ", ".join(key_of(f"{p}.bias") for p in _LINEAR if p not in biased)
+        raise TorchscaleError(f"biases on {', '.join(biased)} only: torchscale's four "
+                              f"projections have biases or none; missing {missing} (expected "
+                              f"shape ({embed},))")
+    subln = any(name.startswith("inner_attn_ln.") for name in params)
+    expected = {f"{p}.weight": (embed, embed) for p in _LINEAR}
+    expected |= {f"{p}.bias": (embed,) for p in biased}
+    if subln:
+        expected |= {"inner_attn_ln.weight": (embed,), "inner_attn_ln.bias": (embed,)}
+    for name, shape in expected.items():
+        if name not in params:
+            raise TorchscaleError(f"no {key_of(name)} in the state dict (expected shape {shape})")
+        key, value = params[name]
+        if tuple(value.shape) != shape:
+            raise TorchscaleError(f"{key}: expected shape {shape} (embed_dim {embed}, from "
+                                  f"{q_key}), got {tuple(value.shape)}")
+    return embed, bool(biased), subln
 
 
 def from_torchscale(state_dict: Mapping[str, torch.Tensor], *, num_heads: int,
@@ -125,15 +168,21 @@ def from_torchscale(state_dict: Mapping[str, torch.Tensor], *, num_heads: int,
                     causal: bool, prefix: str = "", multiway: str | None = None,
                     backend: str | None = None) -> MultiheadDilatedAttention:
     """A MultiheadDilatedAttention with a torchscale DilatedAttention's config and weights:
-    sizes, biases and `subln` read from the state dict."""
-    params = convert_state_dict(state_dict, prefix=prefix, multiway=multiway)
-    if "q_proj.weight" not in params:
-        raise TorchscaleError(f"no {prefix}q_proj.weight in the state dict")
-    weight = params["q_proj.weight"]
+    sizes, biases and `subln` read from the state dict, every key and shape checked before
+    anything is copied."""
+    params = _collect(state_dict, prefix, multiway)
+
+    copy = multiway if any(key.count(".") - prefix.count(".") == 2
+                           for key, _ in params.values()) else None
+
+    def key_of(name: str) -> str:  # a missing parameter's key, as the checkpoint spells keys
+        projection, param = name.split(".")
+        return f"{prefix}{projection}.{copy + '.' if copy else ''}{param}"
+
+    embed, bias, subln = _check(params, key_of)
+    weight = params["q_proj.weight"][1]
     layer = MultiheadDilatedAttention(
-        weight.shape[1], num_heads, pattern_from_config(segment_length, dilated_ratio,
-                                                        causal=causal),
-        bias="q_proj.bias" in params, subln="inner_attn_ln.weight" in params,
-        dtype=weight.dtype, device=weight.device, backend=backend)
-    layer.load_state_dict(params)
+        embed, num_heads, pattern_from_config(segment_length, dilated_ratio, causal=causal),
+        bias=bias, subln=subln, dtype=weight.dtype, device=weight.device, backend=backend)
+    layer.load_state_dict({name: value for name, (_, value) in params.items()})
     return layer
