@@ -178,6 +178,36 @@ def _raising(fail: bool, step: str, call):
         return call()
 
 
+def _nan_case(rank: int, world: int, where: str) -> dict:
+    """NaN at a few rows of q, k or v of the whole sequence: each rank's output and gradients
+    must be NaN exactly where the single process's are (which test_nonfinite checks against
+    the reference's pair counts). Returns the mismatches and how many NaN rows there were."""
+    pattern, shape = cases(world)["lm-causal"]
+    q, k, v, do = _inputs(shape, seed=3)
+    target = {"q": q, "k": k, "v": v}[where]
+    for row in (5, shape[3] // world + 2):  # one on rank 0, one on rank 1
+        target[0, 1, row, 0] = float("nan")
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    expected = spattn.attention(*full, pattern, backend="torch")
+    expected.backward(do)
+    n = shape[3] // world
+    part = slice(rank * n, (rank + 1) * n)
+    mine = [t[:, :, part].clone().requires_grad_() for t in (q, k, v)]
+    out = distributed_attention(*mine, pattern)
+    out.backward(do[:, :, part])
+    report = {"mismatched": [], "nan rows": 0}
+    for name, got, want in (("out", out, expected[:, :, part]),
+                            *((f"d{x}", a.grad, b.grad[:, :, part])
+                              for x, a, b in zip("qkv", mine, full, strict=True))):
+        got_nan, want_nan = got.isnan().any(-1), want.isnan().any(-1)
+        report["nan rows"] += int(want_nan.sum())
+        if not torch.equal(got_nan, want_nan):
+            report["mismatched"].append(name)
+        elif (got - want)[~want_nan].abs().max().item() > TOL:
+            report["mismatched"].append(name + " values")
+    return report
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -189,6 +219,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         report["errors"] = _error_cases(rank, world)
         report["strides"] = {name: _stride_case(rank, world, name == "expanded")
                              for name in ("strided", "expanded")}
+        report["nan"] = {where: _nan_case(rank, world, where) for where in "qkv"}
         # after all those errors the group still works
         report["after errors"] = _run_case(*cases(world)["gqa-causal"], rank, world,
                                            torch.float64)
@@ -225,6 +256,17 @@ def test_every_rank_matches_the_single_process_slice(reports, world, name):
     for rank, report in enumerate(reports[world]):
         for tensor, diff in report["cases"][name]["diffs"].items():
             assert diff < tol, f"{name}, rank {rank} of {world}: {tensor} off by {diff:.3g}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("where", list("qkv"))
+def test_nan_reaches_exactly_the_rows_it_reaches_in_one_process(reports, world, where):
+    total = 0
+    for rank, report in enumerate(reports[world]):
+        case = report["nan"][where]
+        assert case["mismatched"] == [], (rank, case)
+        total += case["nan rows"]
+    assert total > 0  # the case puts NaN where rows attend it
 
 
 @pytest.mark.parametrize("world", [2, 4])

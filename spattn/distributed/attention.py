@@ -35,7 +35,7 @@ from spattn.distributed import comm
 from spattn.distributed.check import Prepared, agree, as_timeout, fail, prepare
 from spattn.distributed.plan import BranchPlan, DistributedPlan, grad_dtype
 from spattn.patterns.spec import Pattern
-from spattn.runtime import torch_backend
+from spattn.runtime import nonfinite, torch_backend
 from spattn.runtime.dispatch import InputError
 from spattn.runtime.kernels import attend, attend_backward
 
@@ -131,6 +131,7 @@ class _Run:
     spans: tuple[_Span, ...]
     group: dist.ProcessGroup
     timeout: timedelta | None
+    pattern: Pattern | str
 
     @property
     def plan(self) -> DistributedPlan:
@@ -153,6 +154,12 @@ class _DistributedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, run: _Run):
         acc, causal, scale = grad_dtype(q.dtype), run.plan.causal, run.scale
+        bad_here = not nonfinite.finite(q, k, v)
+        good_q = nonfinite.finite_rows(q)
+        if bad_here:  # the work runs on finite inputs; the NaN goes back where it belongs
+            good_kv = nonfinite.finite_rows(k) & nonfinite.finite_rows(v)
+            q, k, v = (nonfinite.zeroed(x, good) for x, good in ((q, good_q), (k, good_kv),
+                                                                 (v, good_kv)))
         try:  # everything that can fail before the first collective
             if run.local is not None:
                 out, lse = torch_backend.forward(q, k, v, run.local)
@@ -163,7 +170,7 @@ class _DistributedAttention(torch.autograd.Function):
             packed = [span.pack(k, v) for span in run.spans]
         except Exception as exc:
             fail(exc, run.group, run.timeout)
-        agree(run.prepared, None, run.group, run.timeout)
+        any_bad = agree(run.prepared, None, run.group, run.timeout, bad_here)
         gathered = []
         for span, buf in zip(run.spans, packed, strict=True):
             rows = comm.all_gather(buf, span.group, "forward", span.step("forward all-gather"),
@@ -179,16 +186,31 @@ class _DistributedAttention(torch.autograd.Function):
                     own = (slice(None), grp.kv[:, None], grp.rows[None, :])
                     o, s = attend(qh, k[own], v[own], scale, True, None)
                     _merge(out, lse, grp, o, s)
+        if any_bad:  # every rank: some rank's inputs were not all finite
+            bad_keys = ~good_kv if bad_here else torch.zeros(k.shape[:3], dtype=torch.bool,
+                                                             device=k.device)
+            attends_bad, has_key = _reach(run, q, k, bad_keys)
+            poisoned = attends_bad | (has_key & ~good_q)
+            out = out.masked_fill(poisoned.unsqueeze(-1), float("nan"))
+            lse = lse.masked_fill(poisoned, float("nan"))
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, *gathered)
-        ctx.run = run
+        ctx.save_for_backward(q, k, v, out, lse, good_q, *gathered)
+        ctx.run, ctx.any_bad = run, any_bad
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse, *gathered = ctx.saved_tensors
+        q, k, v, out, lse, good_q, *gathered = ctx.saved_tensors
         run, do = ctx.run, do.contiguous()
         acc, causal, scale = grad_dtype(q.dtype), run.plan.causal, run.scale
+        bad_rows = None
+        if ctx.any_bad:  # as nonfinite.guard_backward, every rank together
+            no_keys = torch.zeros(k.shape[:3], dtype=torch.bool, device=k.device)
+            _, has_key = _reach(run, q, k, no_keys)
+            clean = nonfinite.finite_rows(out) & nonfinite.finite_rows(do) & good_q
+            bad_rows = has_key & ~clean
+            do, out = nonfinite.zeroed(do, clean), nonfinite.zeroed(out, clean)
+            lse = lse.masked_fill(bad_rows, float("inf"))  # P = 0 on those rows
         if run.local is not None:
             dq, dk, dv = (g.to(acc) for g in torch_backend.backward(do, q, k, v, out, lse,
                                                                      run.local))
@@ -222,7 +244,39 @@ class _DistributedAttention(torch.autograd.Function):
             grads = comm.all_to_all(send, span.group, "backward",
                                     span.step("backward all-to-all"), run.timeout)
             span.unpack_add(grads.sum(0), dk, dv)
+        if bad_rows is not None:
+            bad_keys = _attended(run, q, k, bad_rows).unsqueeze(-1)
+            dq = dq.masked_fill(bad_rows.unsqueeze(-1), float("nan"))
+            dk, dv = (g.masked_fill(bad_keys, float("nan")) for g in (dk, dv))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def _indicator_call(run: _Run, q: torch.Tensor, k: torch.Tensor, values: torch.Tensor
+                    ) -> torch.Tensor:
+    """The pattern's distributed attention of zero queries and keys over `values` (float32):
+    every allowed pair weighs the same. Every rank calls it together."""
+    zq = torch.zeros(*q.shape[:3], values.shape[-1], device=q.device)
+    zk = torch.zeros(values.shape, device=q.device)
+    return attention(zq, zk, values, run.pattern, group=run.group, scale=1.0,
+                     timeout=run.timeout)
+
+
+def _reach(run: _Run, q: torch.Tensor, k: torch.Tensor, bad_keys: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows that attend a bad key on any rank, rows with a key): nonfinite's reach."""
+    with torch.no_grad():
+        out = _indicator_call(run, q, k, nonfinite.indicator_values(bad_keys))
+    return nonfinite.read_reach(out)
+
+
+def _attended(run: _Run, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """This rank's keys that `rows` of any rank attend: dV of the indicator call with dO = 1
+    on those rows."""
+    values = torch.zeros(*k.shape[:3], 1, device=k.device, requires_grad=True)
+    with torch.enable_grad():
+        out = _indicator_call(run, q, k, values)
+        (grad,) = torch.autograd.grad(out, values, rows.to(torch.float32).unsqueeze(-1))
+    return grad[..., 0] > 0
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | str, *,
@@ -249,7 +303,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
         prepared = prepare(q, k, v, pattern, backend, scale, dist.get_world_size(group), group)
         plan = prepared.plan
         spans = tuple(_Span(b, plan, group, q.device) for b in plan.branches if not b.local)
-        run = _Run(prepared, _local_problem(plan, prepared.scale), spans, group, limit)
+        run = _Run(prepared, _local_problem(plan, prepared.scale), spans, group, limit, pattern)
     except Exception as exc:  # raised after the metadata check, so no rank waits forever
         fail(exc, group, limit)
     return _DistributedAttention.apply(q, k, v, run)

@@ -127,13 +127,19 @@ def _decode(row: torch.Tensor) -> str:
     return text + "..." if len(data) == MESSAGE_BYTES else text
 
 
+NONFINITE = CHECK_ELEMENTS - 1  # the slot where a rank says its inputs are not all finite
+
+
 def agree(prepared: Prepared | None, error: Exception | None, group: dist.ProcessGroup,
-           timeout: timedelta | None) -> None:
+          timeout: timedelta | None, nonfinite: bool = False) -> bool:
     """All-gather every rank's metadata; raise on every rank if one failed or they disagree:
     a failed rank its own error, the others a DistributedError with the failed ranks' messages.
-    Every rank calls it exactly once per call, with `error` set where its own work failed."""
+    Every rank calls it exactly once per call, with `error` set where its own work failed.
+    Returns whether some rank's inputs were not all finite (`nonfinite`), so that every rank
+    takes the exact path for them together."""
     world, device = dist.get_world_size(group), comm.comm_device(group)
     meta = _metadata(None if error is not None else prepared, world)
+    meta[NONFINITE] = int(nonfinite)
     local = torch.tensor(meta, dtype=torch.int64, device=device)
     rows = comm.all_gather(local, group, "check", "the metadata check", timeout).cpu().tolist()
     failed = [r for r, row in enumerate(rows) if row[0] == 0]
@@ -154,6 +160,7 @@ def agree(prepared: Prepared | None, error: Exception | None, group: dist.Proces
                               for r in range(world))
             raise InputError(f"ranks disagree on {FIELDS[field]} ({shown}); every rank must call "
                              f"with the same pattern, dtype and chunk shape")
+    return any(row[NONFINITE] for row in rows)
 
 
 def fail(error: Exception, group: dist.ProcessGroup, timeout: timedelta | None) -> NoReturn:

@@ -42,7 +42,8 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(x).all(-1)
 
 
-def _zeroed(x: torch.Tensor, good: torch.Tensor) -> torch.Tensor:
+def zeroed(x: torch.Tensor, good: torch.Tensor) -> torch.Tensor:
+    """x with the rows where `good` is False set to 0."""
     return torch.where(good.unsqueeze(-1), x, x.new_zeros(()))
 
 
@@ -70,7 +71,7 @@ def guard_forward(run: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
     if finite(q, k, v):
         return run(q, k, v)
     good_q, good_kv = finite_rows(q), finite_rows(k) & finite_rows(v)
-    out, lse = run(_zeroed(q, good_q), _zeroed(k, good_kv), _zeroed(v, good_kv))
+    out, lse = run(zeroed(q, good_q), zeroed(k, good_kv), zeroed(v, good_kv))
     attends_bad, has_key = reach(~good_kv)
     poisoned = attends_bad | (has_key & ~good_q)
     out = out.masked_fill(poisoned.unsqueeze(-1), float("nan"))
@@ -93,8 +94,8 @@ def guard_backward(run: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Te
     clean = finite_rows(out) & finite_rows(do) & good_q
     bad_rows = has_key & ~clean
     keep = clean  # a row without keys gets no gradient anyway: its dO may go too
-    dq, dk, dv = run(_zeroed(do, keep), _zeroed(q, good_q), _zeroed(k, good_kv),
-                     _zeroed(v, good_kv), _zeroed(out, keep),
+    dq, dk, dv = run(zeroed(do, keep), zeroed(q, good_q), zeroed(k, good_kv),
+                     zeroed(v, good_kv), zeroed(out, keep),
                      lse.masked_fill(bad_rows, float("inf")))  # +inf: P = 0 on those rows
     bad_keys = attended(bad_rows).unsqueeze(-1)
     return (dq.masked_fill(bad_rows.unsqueeze(-1), float("nan")),
