@@ -5,17 +5,22 @@ from __future__ import annotations
 import errno
 import json
 import os
-import time
+import subprocess
+import sys
+import textwrap
 
 import pytest
+from planted import KINDS, finishes, plant
 
+from spattn.cli import compile_cmd
 from spattn.cli.main import main
 
 
-def test_compile_writes_module_and_plan(tmp_path, capsys):
-    start = time.perf_counter()
+def test_compile_writes_module_and_plan(tmp_path, capsys, monkeypatch):
+    calls = _count(monkeypatch, "render", "build_plan", "write_atomically")
     assert main(["compile", "longnet-lm", "-o", str(tmp_path), "--head-dim", "64"]) == 0
-    assert time.perf_counter() - start < 1.0
+    # one module rendered, one plan built, two files written: no work beyond them
+    assert calls == {"render": 1, "build_plan": 1, "write_atomically": 2}
     out = capsys.readouterr().out
     module, plan = tmp_path / "longnet_lm.py", tmp_path / "longnet_lm.plan.json"
     assert module.exists() and plan.exists() and str(module) in out and str(plan) in out
@@ -24,6 +29,20 @@ def test_compile_writes_module_and_plan(tmp_path, capsys):
     assert 0 < data["density"] < 1 and data["forward_flops"] == 4 * 64 * data["pairs"]
     assert "HEAD_DIM=64" in module.read_text()  # a fixed head_dim becomes a constexpr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["longnet_lm.plan.json", "longnet_lm.py"]
+
+
+def _count(monkeypatch, *names):
+    """Count the calls compile_cmd makes to each of `names`."""
+    calls = dict.fromkeys(names, 0)
+
+    def counting(name, real):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return counted
+    for name in names:
+        monkeypatch.setattr(compile_cmd, name, counting(name, getattr(compile_cmd, name)))
+    return calls
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -98,3 +117,71 @@ def test_a_read_only_folder(tmp_path, capsys):
         tmp_path.chmod(0o700)
     _one_line_error(capsys, "Permission denied")
     assert _left(tmp_path) == []
+
+
+@pytest.mark.parametrize("which", ["module", "plan", "lock"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_planted_output_is_refused_in_one_line(which, kind, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    name = {"module": "longnet_lm.py", "plan": "longnet_lm.plan.json",
+            "lock": ".longnet_lm.lock"}[which]
+    untouched = plant(out / name, kind, tmp_path / "outside")
+    assert finishes(lambda: main(["compile", "longnet-lm", "-o", str(out)])) == 2
+    _one_line_error(capsys, "not a regular file")
+    untouched()
+    assert [p.name for p in out.iterdir()] == [name]  # nothing written beside it
+
+
+# Compiles of two patterns with one module name (a-b and a_b) race into one folder. One process
+# imports spattn and, each round, forks one child per pattern; they wait at a barrier (the
+# pipe's write end closing) and run `spattn compile` at once, each child's stderr to a file.
+RACE = textwrap.dedent("""
+    import json, os, sys
+    from spattn.cli.main import main
+    root, rounds, patterns = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    codes = []
+    for r in range(rounds):
+        barrier, go = os.pipe()
+        children = []
+        for i, pattern in enumerate(patterns):
+            pid = os.fork()
+            if pid == 0:
+                os.close(go)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+                os.dup2(os.open(f"{root}/{r}.{i}.err", os.O_WRONLY | os.O_CREAT, 0o644), 2)
+                os.read(barrier, 1)
+                try:
+                    code = main(["compile", pattern, "-o", f"{root}/out{r}"])
+                except BaseException:
+                    code = 3
+                sys.stderr.flush()
+                os._exit(code)
+            children.append(pid)
+        os.close(barrier)
+        os.close(go)
+        codes.append([os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in children])
+    print(json.dumps(codes))
+""")
+
+
+def test_concurrent_compiles_of_one_module_name_never_mix(tmp_path):
+    patterns = []
+    for name, branch in (("a-b", "{segment: 64, dilation: 2}"), ("a_b", "{window: {size: 16}}")):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"name: {name}\ncausal: true\nbranches:\n  - {branch}\n")
+        patterns.append(str(path))
+    rounds = 6
+    done = subprocess.run([sys.executable, "-c", RACE, str(tmp_path), str(rounds), *patterns],
+                          capture_output=True, text=True, timeout=300)  # hang guard
+    assert done.returncode == 0, done.stderr
+    for r, codes in enumerate(json.loads(done.stdout)):
+        assert sorted(codes) == [0, 2], (r, codes)  # exactly one wins
+        loser = (tmp_path / f"{r}.{codes.index(2)}.err").read_text()
+        assert loser.startswith("spattn: error: ") and len(loser.strip().splitlines()) == 1
+        assert "refusing to overwrite" in loser, loser
+        out = tmp_path / f"out{r}"
+        assert sorted(p.name for p in out.iterdir()) == ["a_b.plan.json", "a_b.py"]
+        winner = ["a-b", "a_b"][codes.index(0)]
+        assert f"# spattn-pattern: {winner}\n" in (out / "a_b.py").read_text()
+        assert json.loads((out / "a_b.plan.json").read_text())["pattern"] == winner

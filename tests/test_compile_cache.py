@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from planted import KINDS, finishes, plant
 
 import spattn
 from spattn.compiler import codegen, files
@@ -96,13 +97,24 @@ def test_a_valid_read_only_cache_is_used_without_writing(monkeypatch):
     pattern = _tiny()
     triton_backend.compiled_module(pattern)
     triton_backend._loaded.clear()
-    monkeypatch.setattr(files.os, "open", _refuse)
+    monkeypatch.setattr(files.os, "open", _read_only(os.open))
     monkeypatch.setattr(triton_backend, "open", _refuse, raising=False)
     _agrees(pattern)
 
 
 def _refuse(path, *args, **kwargs):
     raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+
+def _read_only(real_open):
+    """os.open on a read-only file system: opening to read works, to write or create not."""
+    writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+    def open_(path, flags, *args, **kwargs):
+        if flags & writes:
+            _refuse(path)
+        return real_open(path, flags, *args, **kwargs)
+    return open_
 
 
 @pytest.mark.parametrize("where", ["a-file", "read-only"])
@@ -162,10 +174,18 @@ def test_a_killed_compile_is_cleaned_up_by_the_next(tmp_path):
 
 # One process imports spattn, then forks 8 that wait at a barrier (the pipe's write end closing)
 # and then all make their first use of the pattern at once: no 8 torch imports on a small machine.
+# Every write of a cached module is logged (one line each, appended) to count them.
 RACE = textwrap.dedent("""
     import os, traceback
     import torch, spattn
+    from spattn.compiler import files
     pattern = spattn.Pattern.model_validate({tiny!r})
+    write = files.write_atomically
+    def logged(path, text):
+        with open({log!r}, "a") as log:
+            log.write(f"{{path}}\\n")
+        write(path, text)
+    files.write_atomically = logged
     barrier, go = os.pipe()
     children = []
     for _ in range(8):
@@ -188,11 +208,61 @@ RACE = textwrap.dedent("""
 
 
 def test_eight_processes_first_use_at_once(tmp_path):
-    start = time.perf_counter()
     env = {**os.environ, "TRITON_INTERPRET": "1", "SPATTN_CACHE_DIR": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, "-c", RACE.format(tiny=TINY)], capture_output=True,
-                          text=True, env=env, timeout=120)
+    log = tmp_path / "writes.log"
+    done = subprocess.run([sys.executable, "-c", RACE.format(tiny=TINY, log=str(log))],
+                          capture_output=True, text=True, env=env, timeout=300)  # hang guard
     assert done.returncode == 0 and done.stdout.strip() == str([0] * 8), done.stderr
     folder = (tmp_path / "cache" / triton_backend.cache_path(_tiny()).parent.name)
     assert sorted(p.name for p in folder.iterdir()) == [".lock", "tiny.py"]
-    assert time.perf_counter() - start < 30
+    # under the lock, the first writes the module and the other seven find it written
+    assert log.read_text().splitlines() == [str(folder / "tiny.py")]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_planted_lock_is_not_followed_or_waited_on(kind, tmp_path):
+    folder = triton_backend.cache_path(_tiny()).parent
+    folder.mkdir(parents=True)
+    untouched = plant(folder / ".lock", kind, tmp_path / "outside")
+    finishes(lambda: _agrees(_tiny()))  # done without the lock: still the right module
+    untouched()
+    assert triton_backend.cache_path(_tiny()).read_text() == codegen.render(_tiny())
+    assert sorted(p.name for p in (tmp_path / "outside").iterdir()) == (
+        ["target"] if kind == "link-to-file" else [])
+
+
+def test_a_lock_held_too_long_is_not_waited_on_forever(monkeypatch):
+    import fcntl
+
+    folder = triton_backend.cache_path(_tiny()).parent
+    folder.mkdir(parents=True)
+    holder = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # a stuck process holds it
+    monkeypatch.setattr(triton_backend, "LOCK_WAIT_S", 0.1)
+    try:
+        finishes(lambda: _agrees(_tiny()))
+    finally:
+        os.close(holder)
+    assert triton_backend.cache_path(_tiny()).read_text() == codegen.render(_tiny())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_planted_module_is_refused_not_followed_or_replaced(kind, tmp_path):
+    path = triton_backend.cache_path(_tiny())
+    path.parent.mkdir(parents=True)
+    # even a link to exactly the right text elsewhere is not used
+    untouched = plant(path, kind, tmp_path / "outside", text=codegen.render(_tiny()))
+    with pytest.raises(triton_backend.CacheError, match="not a regular file") as error:
+        finishes(lambda: triton_backend.compiled_module(_tiny()))
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+    untouched()
+
+
+def test_a_pattern_folder_linked_elsewhere_is_not_written_through(tmp_path):
+    folder = triton_backend.cache_path(_tiny()).parent
+    folder.parent.mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    folder.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(triton_backend.CacheError, match="symbolic link, not a folder"):
+        finishes(lambda: triton_backend.compiled_module(_tiny()))
+    assert list((tmp_path / "elsewhere").iterdir()) == []

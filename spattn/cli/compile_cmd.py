@@ -1,15 +1,28 @@
-"""`spattn compile PATTERN -o DIR`: write the generated Triton module and its plan."""
+"""`spattn compile PATTERN -o DIR`: write the generated Triton module and its plan.
+
+Two compiles into one folder whose patterns share a module name (a-b and a_b) race: the check
+that the files are absent or this pattern's and the writes happen under one lock per folder and
+module name (DIR/.NAME.lock, removed after), so one wins and the other is refused, and the folder
+never holds the module of one pattern beside the plan of another.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 from spattn.cli.args import positive
-from spattn.compiler.codegen import module_name, read_header, render, specialize
-from spattn.compiler.files import write_atomically
+from spattn.compiler.codegen import module_name, render, specialize
+from spattn.compiler.files import (
+    NotRegularFileError,
+    check_regular,
+    locked,
+    read_regular,
+    write_atomically,
+)
 from spattn.compiler.names import check_module_name
 from spattn.compiler.plan import build_plan
 from spattn.errors import SpattnError
@@ -18,6 +31,9 @@ from spattn.patterns.loader import load_pattern
 from spattn.patterns.spec import Pattern
 
 PLAN_SEQ_LEN = 32768
+LOCK_WAIT_S = 30.0  # the lock is held for a check and two writes: milliseconds
+MAX_PLAN_BYTES = 64 << 20  # an existing plan read back to see whose it is
+HEADER_BYTES = 16 << 10  # where an emitted module's header lines are
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -58,10 +74,10 @@ def run(args: argparse.Namespace) -> int:
     except WorkLimitError as error:
         raise SpattnError(f"{error}; give the plan file a smaller --seq-len (the module itself "
                           f"takes any N)") from None
-    _write(out, {module: render(pattern, name), plan_path: plan.to_json()})
+    text = render(pattern, name)
+    _write(out, name, pattern, {module: text, plan_path: plan.to_json()})
     took = time.perf_counter() - start
-    size = module.stat().st_size
-    print(f"wrote {module} ({size:,} bytes, pattern hash {pattern.content_hash()})")
+    print(f"wrote {module} ({len(text.encode()):,} bytes, pattern hash {pattern.content_hash()})")
     tiles = plan.tile_count()
     print(f"wrote {plan_path} (N={args.seq_len:,}, H={heads}: density {plan.density:.4f}, "
           f"{plan.flops() / 1e9:.1f} useful GFLOP forward, {tiles:,} tiles of "
@@ -73,16 +89,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _refuse_other_pattern(module: Path, plan_path: Path, pattern: Pattern) -> None:
     """Recompiling a pattern overwrites its files; another pattern's (a-b then a_b share a
-    module name) or a file spattn did not write is refused."""
-    if module.exists():
-        header = read_header(module)
-        if header is None:
+    module name), a file spattn did not write, or anything not a regular file is refused."""
+    if _exists(module):
+        owner = _module_owner(module)
+        if owner is None:
             raise SpattnError(f"{module} exists and is not a spattn module; refusing to "
                               f"overwrite it (choose --module NAME or another -o folder)")
-        _same_pattern(module, header["pattern"], pattern)
-    if plan_path.exists():
+        _same_pattern(module, owner, pattern)
+    if _exists(plan_path):
         try:
-            owner = json.loads(plan_path.read_text(encoding="utf-8")).get("pattern")
+            owner = json.loads(read_regular(plan_path, MAX_PLAN_BYTES)).get("pattern")
         except (OSError, ValueError, AttributeError):
             owner = None
         if not isinstance(owner, str):
@@ -91,30 +107,68 @@ def _refuse_other_pattern(module: Path, plan_path: Path, pattern: Pattern) -> No
         _same_pattern(plan_path, owner, pattern)
 
 
+def _exists(path: Path) -> bool:
+    """Whether `path` is there (a link is not followed); one that is not a regular file is
+    refused: spattn never replaces a link, FIFO or device with its output."""
+    try:
+        return check_regular(path)
+    except NotRegularFileError as error:
+        raise SpattnError(f"{path} is {error.kind}, not a regular file; refusing to overwrite "
+                          f"it (choose --module NAME or another -o folder)") from None
+
+
+def _module_owner(path: Path) -> str | None:
+    """The pattern named in the header of the spattn module at `path` (None if it is not one):
+    the `# spattn-pattern:` and `# spattn-hash:` lines among its first 40."""
+    try:
+        head = read_regular(path, HEADER_BYTES, truncate=True).decode("utf-8", "replace")
+    except OSError:
+        return None
+    header = dict(line[len("# spattn-"):].split(": ", 1) for line in head.splitlines()[:40]
+                  if line.startswith("# spattn-") and ": " in line)
+    return header.get("pattern") if "hash" in header else None
+
+
 def _same_pattern(path: Path, owner: str, pattern: Pattern) -> None:
     if owner != pattern.name:
         raise SpattnError(f"{path} holds pattern '{owner}', not '{pattern.name}'; refusing to "
                           f"overwrite it (choose --module NAME or another -o folder)")
 
 
-def _write(out: Path, files: dict[Path, str]) -> None:
-    """Write every file atomically, or none: on an OSError (read-only folder, disk full) remove
-    what this call wrote and the folders it made, and raise one SpattnError."""
-    made = [p for p in (out, *out.parents) if not p.exists()]
-    written, path = [], out
+def _write(out: Path, name: str, pattern: Pattern, files: dict[Path, str]) -> None:
+    """Under the lock of (`out`, `name`), check again that the files are absent or `pattern`'s,
+    then write them all or none. On an error (read-only folder, disk full, a lock held too long,
+    another pattern's files) remove the folders this call made and raise one SpattnError."""
+    made = [p for p in (out, *out.parents) if not os.path.lexists(p)]
     try:
-        for path, text in files.items():
-            existed = path.exists()
-            write_atomically(path, text)
-            if not existed:
-                written.append(path)
-    except OSError as error:
-        for path in written:
-            path.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        with locked(out / f".{name}.lock", LOCK_WAIT_S, remove=True):
+            _refuse_other_pattern(*files, pattern)
+            _write_all(files)
+    except (OSError, SpattnError) as error:
         for folder in made:  # deepest first
             try:
                 folder.rmdir()
             except OSError:
                 break
-        where = error.filename or path
-        raise SpattnError(f"cannot write {where}: {error.strerror or error}") from None
+        if isinstance(error, SpattnError):
+            raise
+        raise SpattnError(f"cannot write {error.filename or out}: {error.strerror or error}"
+                          ) from None
+
+
+def _write_all(files: dict[Path, str]) -> None:
+    """Write every file atomically, or none: on an OSError remove the files this call created
+    (the error names the file being written)."""
+    written = []
+    for path, text in files.items():
+        try:
+            existed = check_regular(path)
+            write_atomically(path, text)
+        except OSError as error:
+            for done in written:
+                done.unlink(missing_ok=True)
+            error.filename = error.filename or str(path)
+            raise
+        if not existed:
+            written.append(path)

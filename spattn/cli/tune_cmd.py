@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from spattn.cli.args import positive
+from spattn.errors import SpattnError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -23,9 +25,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from spattn.runtime import costs
 
-    before = costs.current()
-    model, path = costs.tune(args.repeat, lambda what: print(f"timing {what} ...",
-                                                             file=sys.stderr, flush=True))
+    with warnings.catch_warnings():  # a bad tuned file: replaced now, or refused below
+        warnings.simplefilter("ignore", costs.CostFileWarning)
+        before = costs.current()
+    try:
+        model, path = costs.tune(args.repeat, lambda what: print(f"timing {what} ...",
+                                                                 file=sys.stderr, flush=True))
+    except OSError as error:  # a read-only cache, or a link or FIFO where the file goes
+        where = error.filename or costs.cache_dir() / "costs"
+        raise SpattnError(f"cannot write {where}: {error.strerror or error}") from None
     print(f"was   {before.describe()}")
     print(f"now   {model.describe()}")
     print(f"wrote {path}")

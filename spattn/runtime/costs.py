@@ -3,7 +3,10 @@ cost on this machine, used to choose a plan (`spattn.runtime.batches`).
 
 The untuned model is a fixed table (measured on a 2-core x86 machine), so plans are the same
 everywhere until `spattn tune` measures this machine. Its figures are kept in
-`$SPATTN_CACHE_DIR/costs/<machine>-torch-<version>.json` and read by every later process.
+`$SPATTN_CACHE_DIR/costs/<machine>-torch-<version>.json` and read by every later process. The
+file is not trusted: it is read only if it is a regular file of at most MAX_FILE_BYTES, and used
+only if every figure is there, a finite number in range and nothing else is; otherwise the
+default model is used and a warning names the file and what is wrong with it.
 """
 
 from __future__ import annotations
@@ -12,14 +15,18 @@ import json
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from spattn.compiler.files import write_atomically
+from spattn.compiler.files import check_regular, own_folder, read_regular, write_atomically
+from spattn.errors import SpattnError
 from spattn.runtime.triton_backend import cache_dir
 
 KV_SPLIT = 512  # keys per block of torch's fused CPU attention
@@ -125,13 +132,62 @@ def current() -> CostModel:
     return _read(os.environ.get("SPATTN_CACHE_DIR", ""), torch.get_num_threads())
 
 
+MAX_FILE_BYTES = 64 * 1024  # a tuned file is a few hundred bytes
+_LIMIT = 1e9  # beyond any real figure (a 1000 s call, 1e9 GB/s): keeps predictions finite
+Positive = Annotated[float, Field(gt=0, le=_LIMIT, allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(ge=0, le=_LIMIT, allow_inf_nan=False)]
+
+
+class TunedFile(BaseModel):
+    """What a tuned cost file holds: every figure of CostModel, each a finite number (no
+    strings, booleans or nulls); the measured ones positive, the differences at least 0."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    call_us: Positive
+    copy_gbps: Positive  # divides: never 0
+    pair_ns: Positive
+    mask_ns: NonNegative
+    block_us: NonNegative
+    piece_us: NonNegative
+    merge_ns: NonNegative
+
+
+assert set(TunedFile.model_fields) == {f.name for f in fields(CostModel)} - {"source"}
+
+
+class CostFileWarning(UserWarning):
+    """The tuned cost file is unusable; the default model is used instead."""
+
+
 @lru_cache(maxsize=8)
 def _read(root: str, threads: int) -> CostModel:
     path = _path()
     try:
-        return CostModel(**{**json.loads(path.read_text()), "source": f"tuned ({path.name})"})
-    except (OSError, ValueError, TypeError):
+        data = read_regular(path, MAX_FILE_BYTES)
+    except (FileNotFoundError, NotADirectoryError):  # untuned
         return DEFAULT
+    except OSError as error:
+        return _ignore(path, error.strerror or str(error))
+    try:
+        figures = TunedFile.model_validate_json(data)
+    except ValidationError as error:
+        return _ignore(path, _problem(error))
+    return CostModel(**figures.model_dump(), source=f"tuned ({path.name})")
+
+
+def _problem(error: ValidationError) -> str:
+    """The first thing wrong, with its field: 'copy_gbps: Input should be greater than 0'."""
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "the file"
+    return f"{field}: {first['msg']}"
+
+
+def _ignore(path: Path, why: str) -> CostModel:
+    """Say once (the caller is cached) that the tuned file is unusable, and use the default."""
+    warnings.warn(f"ignoring the tuned cost model {path} ({why}); using the built-in default "
+                  f"(run `spattn tune` to measure this machine again)", CostFileWarning,
+                  stacklevel=4)
+    return DEFAULT
 
 
 def _best(fn: Callable[[], object], repeats: int) -> float:
@@ -199,10 +255,19 @@ def _merge_one(o_acc: torch.Tensor, l_acc: torch.Tensor) -> None:
 
 def tune(repeats: int = 5, progress: Callable[[str], None] | None = None) -> tuple[CostModel,
                                                                                     Path]:
-    """Measure this machine and keep the figures for later processes."""
-    model = measure(repeats, progress)
+    """Measure this machine and keep the figures for later processes (an OSError, before any
+    timing, if the file cannot go where it belongs: a link or FIFO in its place, a read-only
+    cache)."""
     path = _path()
-    fields = {k: v for k, v in asdict(model).items() if k != "source"}
-    write_atomically(path, json.dumps(fields, indent=1) + "\n")
+    own_folder(path.parent)
+    check_regular(path)
+    model = measure(repeats, progress)
+    figures = {k: v for k, v in asdict(model).items() if k != "source"}
+    try:
+        TunedFile.model_validate(figures)
+    except ValidationError as error:  # a timing gone wrong: never keep what no one can read
+        raise SpattnError(f"measured figures are unusable ({_problem(error)}); run `spattn "
+                          f"tune` again") from None
+    write_atomically(path, json.dumps(figures, indent=1) + "\n")
     _read.cache_clear()
     return model, path

@@ -5,7 +5,10 @@ and emitter key (spattn, triton and jinja2 versions, the templates and codegen),
 pattern or a new spattn never reuses a stale module. The cache is not trusted: a cached file is
 used only if it is byte for byte what spattn would emit now (emitted text is deterministic), so a
 truncated, emptied, hand-edited or foreign file is rebuilt, atomically and under a file lock so
-that concurrent first uses in many processes all succeed.
+that concurrent first uses in many processes all succeed. Nothing planted in the cache is followed
+or waited on: a link or a FIFO in place of a module or folder is a clear error (spattn writes
+regular files only), and a lock that is not a regular file, or stays held over LOCK_WAIT_S, is
+done without (the atomic rename of a deterministic text keeps that correct, with repeated work).
 """
 
 from __future__ import annotations
@@ -13,17 +16,12 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import ModuleType
 
 from spattn.errors import SpattnError
 from spattn.patterns.spec import Pattern
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: renames alone keep the cache consistent, with repeated work
-    fcntl = None
 
 _loaded: dict[Path, ModuleType] = {}
 
@@ -63,37 +61,53 @@ def compiled_module(pattern: Pattern) -> ModuleType:
     path = cache_path(pattern)
     if path not in _loaded:
         text = render(pattern)
-        if _read(path) != text:
+        if _read(path, len(text.encode("utf-8"))) != text:
             _rebuild(path, text)
         _loaded[path] = import_module_file(path, text)
     return _loaded[path]
 
 
-def _read(path: Path) -> str | None:
+def _read(path: Path, max_bytes: int) -> str | None:
+    """The cached module's text if it is a regular file of at most `max_bytes` in a real folder
+    (anything else is not what spattn emits: None)."""
+    from spattn.compiler.files import read_regular
+
     try:
-        return path.read_text(encoding="utf-8")
+        if path.parent.is_symlink():
+            return None
+        return read_regular(path, max_bytes).decode("utf-8")
     except (OSError, UnicodeDecodeError):
         return None
 
 
 def _rebuild(path: Path, text: str) -> None:
-    from spattn.compiler.files import write_atomically
+    from spattn.compiler.files import NotRegularFileError, own_folder, write_atomically
 
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        own_folder(path.parent)
         with _locked(path.parent):
-            if _read(path) != text:  # another process may have written it meanwhile
+            if _read(path, len(text.encode("utf-8"))) != text:  # another process wrote it
                 write_atomically(path, text)
     except OSError as error:
         why = error.strerror or str(error)
-        raise CacheError(f"cannot write the compile cache at {path.parent} ({why}); set "
+        where = error.filename if isinstance(error, NotRegularFileError) else path.parent
+        raise CacheError(f"cannot write the compile cache at {where} ({why}); set "
                          f"SPATTN_CACHE_DIR to a writable folder") from None
+
+
+LOCK_WAIT_S = 10.0  # writing a module takes milliseconds: a lock held longer is not waited on
 
 
 @contextmanager
 def _locked(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on folder/.lock (released when the file closes)."""
-    with open(folder / ".lock", "a") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    """Hold an exclusive lock on folder/.lock if one can be had within LOCK_WAIT_S; if not (its
+    file is a link, a FIFO, not writable, or held too long), go on without: writes are atomic
+    renames of the same text, so the cache stays correct, only the work may be repeated."""
+    from spattn.compiler.files import locked
+
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(locked(folder / ".lock", LOCK_WAIT_S))
+        except OSError:
+            pass
         yield
