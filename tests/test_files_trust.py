@@ -96,3 +96,18 @@ def test_own_folder_refuses_a_link_to_a_folder_elsewhere(tmp_path):
     with pytest.raises(files.NotRegularFileError, match="symbolic link, not a folder"):
         files.own_folder(tmp_path / "link")
     assert files.own_folder(tmp_path / "a" / "b").is_dir()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_emitted_headers_and_tuning_files_are_read_only_from_regular_files(tmp_path, kind):
+    """codegen.read_header and the tuning file's reader: a planted link, FIFO, device or folder
+    reads as nothing (no header, no remembered choices), without blocking."""
+    from spattn.compiler.codegen import read_header
+    from spattn.runtime import tuning
+
+    for name in ("module.py", "tuning.json"):
+        path = tmp_path / name
+        untouched = plant(path, kind, tmp_path / f"outside-{name}")
+        read = read_header if name == "module.py" else tuning._read
+        assert finishes(lambda read=read, path=path: read(path)) in (None, {})
+        untouched()

@@ -18,7 +18,7 @@ import triton
 from pydantic import ValidationError
 
 import spattn
-from spattn.compiler.files import write_atomically
+from spattn.compiler.files import read_regular, write_atomically
 from spattn.compiler.names import module_name
 from spattn.errors import SpattnError
 from spattn.patterns.geometry import head_ranges
@@ -162,14 +162,14 @@ def read_header(path: Path) -> dict[str, str] | None:
     """The `# spattn-KEY: VALUE` lines at the top of an emitted module ({"pattern": ...,
     "hash": ..., "version": ...}); None if `path` is not a readable spattn module."""
     header = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            for _, line in zip(range(40), f, strict=False):
-                if line.startswith("# spattn-") and ": " in line:
-                    key, value = line[len("# spattn-"):].rstrip("\n").split(": ", 1)
-                    header[key] = value
-    except (OSError, UnicodeDecodeError):
+    try:  # a regular file only, its first 16 KiB: never a FIFO, device or link
+        text = read_regular(path, 1 << 14, truncate=True).decode("utf-8", errors="replace")
+    except OSError:
         return None
+    for line in text.splitlines()[:40]:
+        if line.startswith("# spattn-") and ": " in line:
+            key, value = line[len("# spattn-"):].split(": ", 1)
+            header[key] = value
     return header if "pattern" in header and "hash" in header else None
 
 

@@ -12,7 +12,6 @@ moves the cache (default ~/.cache/spattn).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 import triton
 
-from spattn.compiler.files import write_atomically
+from spattn.compiler.files import locked, read_regular, write_atomically
 from spattn.runtime.configs import LaunchConfig, candidates
 from spattn.runtime.triton_backend import cache_dir
 
@@ -49,10 +48,14 @@ def cache_path(device: torch.device) -> Path:
     return cache_dir() / "tuning" / f"{safe}-spattn-{__version__}-triton-{triton.__version__}.json"
 
 
+TUNING_FILE_BYTES = 1 << 22  # a tuning file past this is not spattn's
+LOCK_WAIT_S = 10.0
+
+
 def _read(path: Path) -> dict[str, list[int]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads(read_regular(path, TUNING_FILE_BYTES).decode("utf-8"))
+    except (OSError, ValueError):  # missing, planted, too large or damaged: start afresh
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -61,13 +64,12 @@ def _remember(path: Path, key: str, config: LaunchConfig) -> None:
     """Add one choice to the file, under a lock, keeping what other processes added."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(path.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with locked(path.with_name(path.name + ".lock"), LOCK_WAIT_S):
             data = _read(path)
             data[key] = [config.block_m, config.block_n, config.num_warps, config.num_stages]
             write_atomically(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
-    except OSError:
-        pass  # a read-only home: the choice lasts for this process
+    except OSError:  # a read-only home, a planted or held lock: it lasts for this process
+        pass
 
 
 def _key(pattern_hash: str, name: str, mode: str, q: torch.Tensor, size: int,
