@@ -24,6 +24,9 @@ MAX_SEED = 2**63 - 1  # a random branch's seed
 MAX_DRAWS = 256  # key blocks a random branch draws per query block (kernels unroll over them)
 MAX_WORLD_SIZE = 2**20  # ranks of a distributed plan
 MAX_WORK = 10**7  # array elements an analytic count, tile list, hop search or picture may touch
+MAX_PICTURE_WORK = 2**27  # mask cells (and draws) of a picture: 4,096 tokens, 8 branches
+MAX_PICTURE_HEADS = 64  # heads one picture draws (an 8 x 8 grid)
+MAX_PLAN_WORK = 10 * MAX_WORK  # elements the CPU planner touches for `inspect --plan`
 
 
 class WorkLimitError(SpattnError, ValueError):

@@ -8,13 +8,16 @@ import argparse
 import sys
 import time
 
-from spattn.cli.args import positive
+from spattn.cli.args import add_dtype, positive
 from spattn.compiler.aot import COMMON, DTYPES, TARGETS, WORKERS, Result, check
 from spattn.errors import SpattnError
 from spattn.patterns.loader import load_pattern
 
 HEAD_DIMS = (64, 128)
 MAX_CHECK_HEAD_DIM = 512  # one tile holds a whole head: past this nothing would fit
+# torch's name of each dtype the compiler checks -> its own short name (spattn.compiler.aot)
+TORCH_NAMES = {str(dtype).removeprefix("torch."): name for name, dtype in DTYPES.items()}
+SHOWN = {name: torch_name for torch_name, name in TORCH_NAMES.items()}
 COLUMNS = ("kernel", "mode", "dtype", "D", "branch", "shape", "BM", "BN", "warps", "stages",
            "regs", "spills", "smem", "tc", "status")
 
@@ -29,8 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "fits the target, else 1.")
     p.add_argument("pattern", metavar="PATTERN", help="built-in name or YAML file")
     p.add_argument("--target", required=True, choices=tuple(TARGETS), help="GPU architecture")
-    p.add_argument("--dtype", action="extend", nargs="+", choices=tuple(DTYPES), metavar="D",
-                   help=f"input dtypes, any of {', '.join(DTYPES)} (default: all)")
+    add_dtype(p, tuple(TORCH_NAMES), many=True, what="input dtypes")
     p.add_argument("--head-dim", action="extend", nargs="+", type=positive, metavar="N",
                    help="head dims (default: the pattern's, else 64 and 128)")
     p.set_defaults(run=run)
@@ -38,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     pattern = load_pattern(args.pattern)
-    dtypes = list(dict.fromkeys(args.dtype or DTYPES))
+    dtypes = [TORCH_NAMES[name] for name in dict.fromkeys(args.dtype or TORCH_NAMES)]
     head_dims = _head_dims(args.head_dim, pattern.head_dim)
     start = time.perf_counter()
     results = check(pattern, args.target, dtypes, head_dims, _progress)
@@ -81,7 +83,8 @@ def _row(result: Result) -> tuple[str, ...]:
     spec, consts = result.spec, result.spec.constexprs
     shape = ",".join(f"{k}={_short(v)}" for k, v in consts.items() if k not in COMMON) or "-"
     status = "ok" if result.ok else f"error: {result.error}"
-    return (spec.kernel.lstrip("_"), spec.mode, spec.dtype, str(spec.head_dim),
+    dtype = SHOWN.get(spec.dtype, spec.dtype)  # torch's name, as --dtype takes it
+    return (spec.kernel.lstrip("_"), spec.mode, dtype, str(spec.head_dim),
             str(consts.get("BRANCH", "all")), shape, str(consts["BLOCK_M"]),
             str(consts["BLOCK_N"]), str(result.num_warps), str(result.num_stages),
             _number(result.registers), _number(result.spills), _number(result.shared),

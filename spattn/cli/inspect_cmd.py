@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from spattn.cli.args import add_shape, positive
+from spattn.limits import MAX_PICTURE_HEADS, MAX_PICTURE_WORK, MAX_PLAN_WORK
+
+if TYPE_CHECKING:
+    from spattn.patterns.spec import Pattern
 
 HELP = "count a pattern's pairs, FLOPs, tiles, speed-up bound and hop distance; draw its mask"
 
-DESCRIPTION = """\
+DESCRIPTION = f"""\
 Per branch and in total: the allowed (head, query, key) pairs, the density against dense
 attention, the useful forward FLOPs (4 * head_dim * batch * pairs) and the speed-up bound over
 dense attention. Counts are exact and analytic, so N = 1,000,000 takes about a second.
@@ -26,6 +31,12 @@ A pattern only shows that growth past its segment lengths: LongNet's start at 20
 --scale to shrink them, e.g. `spattn inspect longnet-lm --seq-len 4096 --scale 16`. Pairs with
 no path at all (tokens further apart than the longest segment, or on rows no head keeps) are
 reported as unconnected, and the hop counts are over the connected pairs.
+
+Every part is bounded: a count, tile list, random table or hop search past its work limit is
+left out with a note; a picture of more than {MAX_PICTURE_WORK:,} mask cells (heads drawn x
+T^2 x branches) or of more than {MAX_PICTURE_HEADS} heads, and a --plan past {MAX_PLAN_WORK:,}
+elements of planning, are refused in one line. --png writes a regular file only (never through
+a link, nor over a device, FIFO or folder), atomically.
 """
 
 
@@ -63,7 +74,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "this machine)")
     parser.add_argument("--kv-heads", type=positive, metavar="HKV",
                         help="key/value heads for --plan (default: the pattern's, else H)")
-    parser.add_argument("--png", metavar="FILE", help="draw the mask into a PNG file")
+    parser.add_argument("--png", metavar="FILE",
+                        help="draw the mask into a PNG file (a new or regular file)")
     parser.add_argument("--head", type=_head, default=0, metavar="H|all",
                         help="the head to draw, or 'all' for a grid of every head (default 0)")
     parser.add_argument("--png-tokens", type=positive, default=256, metavar="T",
@@ -76,15 +88,22 @@ def run(args: argparse.Namespace) -> int:
     from spattn.patterns.report import choose_heads, format_report, inspect_pattern, scale_pattern
 
     pattern = load_pattern(args.pattern)
+    heads = choose_heads(pattern, args.heads)
+    if args.png:  # a bad --png, or a picture past its bound, is refused before any other work
+        from spattn.patterns.picture import check_picture
+
+        check_picture(scale_pattern(pattern, args.scale), args.seq_len, heads, args.png,
+                      args.head, args.png_tokens)
+    if args.plan:
+        _check_plan(scale_pattern(pattern, args.scale), args, heads)
     report = inspect_pattern(pattern, args.seq_len, heads=args.heads, head_dim=args.head_dim,
                              batch=args.batch, scale=args.scale, hops=not args.no_hops,
                              tiles=not args.no_tiles, block_m=args.block_m, block_n=args.block_n,
                              block=args.flex_block)
     wrote = None
-    if args.png:  # before printing anything, so that a bad --png is the only line printed
+    if args.png:  # before printing anything, so that a failed write is the only line printed
         from spattn.patterns.picture import draw_mask
 
-        heads = choose_heads(pattern, args.heads)
         scaled = f" (scaled 1/{args.scale})" if args.scale > 1 else ""
         drawn = draw_mask(scale_pattern(pattern, args.scale), args.seq_len, heads, args.png,
                           head=args.head, tokens=args.png_tokens, title=pattern.name + scaled)
@@ -98,7 +117,35 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan_lines(pattern, args: argparse.Namespace) -> list[str]:
+def plan_work(pattern: Pattern, seq_len: int, heads: int) -> int:
+    """About how many elements the CPU planner touches for this shape: it marks every piece's
+    query rows, head by head (a random branch has a piece per draw), once per window chunk size
+    it tries, and matches each piece's head against the others of its shape."""
+    from spattn.patterns.spec import RandomBranch, WindowBranch
+    from spattn.runtime.torch_backend import WINDOW_DIVISORS
+
+    branches = pattern.expanded_branches()
+    pieces = sum(4 * (b.random.blocks + 1) if isinstance(b, RandomBranch) else 4
+                 for b in branches)
+    tries = len(WINDOW_DIVISORS) if any(isinstance(b, WindowBranch) for b in branches) else 2
+    return tries * heads * (seq_len * pieces + 25 * heads * len(branches))
+
+
+def _check_plan(pattern: Pattern, args: argparse.Namespace, heads: int) -> None:
+    """The SpattnError `--plan` would end in, or its work past MAX_PLAN_WORK, before any work."""
+    from spattn.errors import SpattnError
+
+    kv_heads = args.kv_heads or pattern.kv_heads or heads
+    if heads % kv_heads:
+        raise SpattnError(f"--kv-heads: {kv_heads} does not divide the {heads} query heads")
+    work = plan_work(pattern, args.seq_len, heads)
+    if work > MAX_PLAN_WORK:
+        raise SpattnError(f"--plan: planning N = {args.seq_len:,} tokens x {heads:,} heads is "
+                          f"about {work:,} elements of work, past the {MAX_PLAN_WORK:,} it may "
+                          f"take; pass a smaller --seq-len or --heads (or leave out --plan)")
+
+
+def _plan_lines(pattern: Pattern, args: argparse.Namespace) -> list[str]:
     from spattn.patterns.geometry import resolve
     from spattn.patterns.report import choose_heads
     from spattn.runtime import torch_backend
@@ -106,10 +153,6 @@ def _plan_lines(pattern, args: argparse.Namespace) -> list[str]:
 
     heads = choose_heads(pattern, args.heads)
     kv_heads = args.kv_heads or pattern.kv_heads or heads
-    if heads % kv_heads:
-        from spattn.errors import SpattnError
-
-        raise SpattnError(f"--kv-heads: {kv_heads} does not divide the {heads} query heads")
     dim = args.head_dim or pattern.head_dim or 64
     n = args.seq_len
     problem = torch_backend.Problem(resolve(pattern, n, heads), n, heads, kv_heads,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from spattn.cli.args import add_shape, positive
+from spattn.cli.args import add_dtype, add_shape, positive
 
 HELP = "plan a pattern over P ranks: local and spanning branches, bytes each rank sends"
 
@@ -27,10 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="number of ranks; N must be a multiple of P")
     parser.add_argument("--kv-heads", type=positive, metavar="HKV",
                         help="key/value heads (default: the pattern's, else H)")
-    parser.add_argument("--dtype", default="bfloat16",
-                        choices=["bfloat16", "float16", "float32", "float64"],
-                        help="dtype of q, k, v (default bfloat16); gradients travel in float32 "
-                             "(float64 for float64)")
+    add_dtype(parser, default="bfloat16",
+              what="dtype of q, k, v (gradients travel in float32, float64 for float64)")
     parser.set_defaults(run=run)
 
 

@@ -9,7 +9,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from spattn.cli.args import positive
+from spattn.cli.args import DTYPES as DTYPE_NAMES
+from spattn.cli.args import add_dtype, positive
 from spattn.errors import SpattnError
 from spattn.patterns.counting import count_pairs, density, useful_flops
 from spattn.patterns.geometry import describe, resolve
@@ -20,8 +21,7 @@ BASELINE_FLOPS = 2e12  # dense work past which the SDPA baseline is left out (mi
 MAX_PIECES = 20_000  # (head, branch) pieces a run may take: each has its Python overhead
 MEMORY_SHARE = 0.8  # of the machine's available memory the tensors may take
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-          "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # float16 ... float64
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -42,8 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="key/value heads (default: the pattern's, else H)")
     p.add_argument("--head-dim", type=positive, default=None, metavar="D",
                    help="head dimension (default: the pattern's, else 64)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                   help="tensor dtype (default float32)")
+    add_dtype(p, default="float32")
     p.add_argument("--backend", default=None,
                    help="torch or triton (default: chosen by device and dtype)")
     p.add_argument("--backward", action="store_true",

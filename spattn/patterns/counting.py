@@ -70,11 +70,27 @@ def _exact(values: np.ndarray, n: int) -> np.ndarray:
     return values.astype(object) if n > 2**31 else values
 
 
+DRAW_OVERHEAD = 1000  # elements of work a head's draw costs per slot besides its rows
+
+
+def draw_work(rows: int, slots: int) -> int:
+    """About how many elements drawing `slots` key blocks for `rows` query blocks of one head
+    takes: slot by slot, a few dozen passes over the rows, each comparing with the slots drawn
+    before it (spattn/patterns/blocks.py), and numpy's overhead per slot."""
+    return slots * (rows * (1 + slots // 8) + DRAW_OVERHEAD)
+
+
+def random_table_work(geometry: RandomBlocks) -> int:
+    """About how many elements drawing the whole table takes, head by head."""
+    rows = -(-geometry.seq_len // geometry.block)
+    return geometry.heads * draw_work(rows, min(geometry.blocks, rows))
+
+
 def check_random_table(geometry: RandomBlocks) -> None:
-    """WorkLimitError when the draw table (heads x query blocks x blocks) passes MAX_WORK."""
-    size = geometry.heads * -(-geometry.seq_len // geometry.block) * geometry.blocks
-    check_work(size, f"random blocks ({geometry.blocks} of {geometry.block} tokens, "
-                     f"{geometry.heads} heads) at N = {geometry.seq_len:,}")
+    """WorkLimitError when drawing the table (heads x query blocks x blocks) passes MAX_WORK."""
+    check_work(random_table_work(geometry),
+               f"random blocks ({geometry.blocks} of {geometry.block} tokens, "
+               f"{geometry.heads} heads) at N = {geometry.seq_len:,}")
 
 
 # --- costs (SEMANTICS.md, "Costs") ----------------------------------------------------------------

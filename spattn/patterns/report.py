@@ -18,6 +18,7 @@ from spattn.patterns.counting import (
     branch_pairs,
     check_random_table,
     dense_pairs,
+    random_table_work,
     union_pairs,
     useful_flops,
 )
@@ -30,7 +31,7 @@ from spattn.patterns.geometry import (
     describe,
     resolve,
 )
-from spattn.patterns.hops import MAX_HOPS_SEQ_LEN, Hops, hop_distance, hop_lengths
+from spattn.patterns.hops import MAX_HOPS_SEQ_LEN, Hops, hop_distance_of, hop_lengths
 from spattn.patterns.retention import cache_bound
 from spattn.patterns.spec import (
     DilatedBranch,
@@ -272,11 +273,22 @@ def _ignored_tokens(pattern: Pattern, seq_len: int) -> list[str]:
 def _hops(pattern: Pattern, seq_len: int, heads: int
           ) -> tuple[Hops | None, tuple[Hops, ...], str | None]:
     """(hops at N, the table up to HOP_TABLE_LIMIT, a note when the first is not computed);
-    the table stops before the first length whose search passes the work limit."""
+    the table stops before the first length whose search passes the work limit, or where the
+    random tables drawn for every length so far pass it together."""
     table: list[Hops] = []
+    drawn = 0  # elements of work of the random tables drawn so far, over every length
+
+    def hops_at(n: int) -> Hops:
+        nonlocal drawn
+        geometries = resolve(pattern, n, heads)
+        drawn += sum(random_table_work(g) for g in geometries if isinstance(g, RandomBlocks))
+        check_work(drawn, f"the random blocks' draws ({heads:,} heads) of the hop distances up "
+                          f"to N = {n:,}")
+        return hop_distance_of(geometries, n, heads, pattern.causal)
+
     for n in hop_lengths(seq_len, limit=HOP_TABLE_LIMIT):
         try:
-            table.append(hop_distance(pattern, n, heads))
+            table.append(hops_at(n))
         except WorkLimitError as error:
             stop = f"; the table below stops at N = {table[-1].seq_len:,}" if table else ""
             return None, tuple(table), f"not computed: {error}{stop}"
@@ -287,7 +299,7 @@ def _hops(pattern: Pattern, seq_len: int, heads: int
             f"not computed for N > {MAX_HOPS_SEQ_LEN:,} (an exact all-pairs search needs N^2 "
             f"bits); the table below stops at N = {table[-1].seq_len:,}")
     try:
-        return hop_distance(pattern, seq_len, heads), tuple(table), None
+        return hops_at(seq_len), tuple(table), None
     except WorkLimitError as error:
         return None, tuple(table), f"not computed: {error}"
 
