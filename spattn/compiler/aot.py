@@ -165,15 +165,21 @@ def launches(module: ModuleType, pattern: Pattern, dtype: str, head_dim: int,
             for name, args, kwargs in seen]
 
 
+RUN_KNOBS = ("instrumentation_mode", "fpsan_homomorphic_casts")
+
+
 def specialize(kernel: triton.runtime.JITFunction, backend: object, args: Iterable,
                kwargs: dict) -> tuple[dict, dict, dict, object]:
     """(signature, constexprs, attrs, options) exactly as JITFunction.run would compute them."""
     from triton.runtime.jit import MockTensor, create_function_from_signature
 
     args = [MockTensor(getattr(torch, a["tensor"])) if isinstance(a, dict) else a for a in args]
-    kwargs = dict(kwargs, debug=kernel.debug or triton.knobs.runtime.debug,
-                  instrumentation_mode=triton.knobs.compilation.instrumentation_mode,
-                  fpsan_homomorphic_casts=triton.knobs.compilation.fpsan_homomorphic_casts)
+    kwargs = dict(kwargs, debug=kernel.debug or triton.knobs.runtime.debug)
+    # the compilation knobs JITFunction.run passes as options, those this triton has (3.6 has
+    # instrumentation_mode, 3.9 fpsan_homomorphic_casts too)
+    for knob in RUN_KNOBS:
+        if hasattr(triton.knobs.compilation, knob):
+            kwargs[knob] = getattr(triton.knobs.compilation, knob)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
