@@ -41,6 +41,7 @@ import triton  # noqa: E402
 from reference import reference_attention  # noqa: E402
 
 import spattn  # noqa: E402
+from spattn.cli.args import add_dtype  # noqa: E402
 from spattn.patterns.counting import count_pairs, dense_pairs, useful_flops  # noqa: E402
 from spattn.patterns.report import scale_pattern  # noqa: E402
 
@@ -318,7 +319,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=1 << 20, help="B x N per cell")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    add_dtype(parser, ("float16", "bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"],
                         choices=["fwd", "fwd+bwd"])

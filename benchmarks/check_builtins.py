@@ -2,7 +2,8 @@
 with triton's ptxas on this CPU machine (no GPU).
 
     python benchmarks/check_builtins.py [--targets sm_80 sm_90] [--patterns NAME ...]
-                                        [--dtype fp16 bf16 fp32] [--head-dim 64 128]
+                                        [--dtype float16 bfloat16 float32]
+                                        [--head-dim 64 128] [--results DIR] [--strict]
 
 Writes benchmarks/results/check_<target>.txt: per pattern, the command, its table and last
 line and how long it took, then one total line. Each file is rewritten after every pattern, so
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import triton
 
-from spattn.compiler.aot import DTYPES, TARGETS, WORKERS
+from spattn.cli.args import add_dtype
+from spattn.compiler.aot import TARGETS, WORKERS
 from spattn.patterns.loader import builtin_patterns
 
 RESULTS = Path(__file__).parent / "results"
@@ -32,15 +34,28 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", choices=tuple(TARGETS), default=["sm_80", "sm_90"])
     parser.add_argument("--patterns", nargs="+", metavar="NAME",
                         default=[b.name for b in builtin_patterns()])
-    parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=list(DTYPES))
+    add_dtype(parser, ("float16", "bfloat16", "float32"), many=True)
     parser.add_argument("--head-dim", nargs="+", type=int, default=[64, 128])
+    parser.add_argument("--results", type=Path, default=RESULTS, metavar="DIR",
+                        help="where check_<target>.txt goes (default benchmarks/results)")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 unless every kernel compiled, none spills and all use "
+                             "tensor cores (CI)")
     args = parser.parse_args()
+    clean = True
     for target in args.targets:
-        sweep(target, args.patterns, args.dtype, args.head_dim)
+        dtypes = args.dtype or ["float16", "bfloat16", "float32"]
+        clean &= sweep(target, args.patterns, dtypes, args.head_dim, args.results)
+    if args.strict and not clean:
+        sys.exit(1)
 
 
-def sweep(target: str, patterns: list[str], dtypes: list[str], head_dims: list[int]) -> None:
-    path = RESULTS / f"check_{target}.txt"
+def sweep(target: str, patterns: list[str], dtypes: list[str], head_dims: list[int],
+          results: Path = RESULTS) -> bool:
+    """Check `patterns` for `target`; whether every kernel compiled, none with spills and all
+    with tensor cores."""
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"check_{target}.txt"
     head = [f"# spattn check on every built-in pattern for {target}: triton {triton.__version__}"
             f" and its bundled ptxas, {WORKERS} compile processes on {platform.machine()} "
             f"(no GPU); tiles, warps and stages from spattn/runtime/launch_configs.json",
@@ -61,6 +76,10 @@ def sweep(target: str, patterns: list[str], dtypes: list[str], head_dims: list[i
         path.write_text("\n".join(head + list(sections.values()) + [_total(sections, target)])
                         + "\n")
         print(f"{target} {name}: {out.splitlines()[-1]} ({took:.0f} s)", flush=True)
+    total = _total(sections, target)
+    print(total, flush=True)
+    compiled, kernels, spills, plain = _counts(total)
+    return compiled == kernels and spills == plain == 0
 
 
 def _commit() -> str:
@@ -86,6 +105,13 @@ def _total(sections: dict[str, str], target: str) -> str:
         seconds += int(lines[-1].split(", ")[-1].split()[0])
     return (f"all {len(sections)} patterns: {totals[0]}/{totals[1]} kernels compiled for "
             f"{target}, {totals[2]} with spills, {totals[3]} without tensor cores ({seconds} s)")
+
+
+def _counts(total: str) -> tuple[int, int, int, int]:
+    """(compiled, kernels, with spills, without tensor cores) of an `all N patterns: ...` line."""
+    words = total.split(": ", 1)[1].split()
+    compiled, kernels = map(int, words[0].split("/"))
+    return compiled, kernels, int(words[5]), int(words[8])
 
 
 def _add(totals: list[int], last: str) -> None:
