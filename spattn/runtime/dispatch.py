@@ -157,7 +157,7 @@ def _choose(pattern: Pattern, sizes: tuple[int, int, int, int, int], dtype: torc
             device: torch.device, needs_grad: bool, backend: str | None, scale: float | None
             ) -> tuple[str, str, float, bool | None]:
     """(backend name, pattern key, scale, dense) for a checked eager call, `dense` the causality
-    of a call that is plain dense attention on the torch backend (else None). Remembered per
+    of a call that is plain dense attention, which runs as SDPA (else None). Remembered per
     call shape and cost model: right after a large kernel call, with the caches cold, working
     it out again costs tens of microseconds."""
     if scale is not None and type(scale) is not float:  # a tensor or other object: not kept
@@ -186,7 +186,9 @@ def _choose_anew(pattern: Pattern, sizes: tuple[int, int, int, int, int],
     name, key = pick_backend(call, pattern, backend), ops.register(pattern)
     scale = resolve_scale(pattern, scale, call.head_dim)
     dense = None
-    if name == "torch" and call.seq_len:
+    # plain dense attention runs as torch's own SDPA call: its flash kernel on a GPU (the
+    # generated kernels still serve it under the interpreter, where they are what is tested)
+    if call.seq_len and (name == "torch" or call.device.type == "cuda"):
         dense = ops.dense_causality(key, call.heads, call.kv_heads, call.seq_len, call.head_dim,
                                     scale)
     return name, key, scale, dense
