@@ -74,18 +74,27 @@ def _inputs(shape, dtype: torch.dtype = torch.float64, seed: int = 0):
     return q, k, v, torch.randn(b, h, n, d, generator=gen, dtype=dtype)
 
 
-def _run_case(pattern, shape, rank: int, world: int, dtype: torch.dtype) -> dict:
-    q, k, v, do = _inputs(shape, dtype)
+def _single_and_distributed(pattern, q, k, v, do, rank: int, world: int,
+                            forward: CommCounter, backward: CommCounter):
+    """The single-process forward and backward of the whole sequence, and this rank's
+    distributed one of its chunk (its collectives counted): (expected, leaves, out, mine, part)."""
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     expected = spattn.attention(*full, pattern, backend="torch")
     expected.backward(do)
-    n = shape[3] // world
+    n = q.shape[2] // world
     part = slice(rank * n, (rank + 1) * n)
     mine = [t[:, :, part].clone().requires_grad_() for t in (q, k, v)]
-    with CommCounter() as forward:
+    with forward:
         out = distributed_attention(*mine, pattern)
-    with CommCounter() as backward:
+    with backward:
         out.backward(do[:, :, part])
+    return expected, full, out, mine, part
+
+
+def _run_case(pattern, shape, rank: int, world: int, dtype: torch.dtype) -> dict:
+    forward, backward = CommCounter(), CommCounter()
+    expected, full, out, mine, part = _single_and_distributed(
+        pattern, *_inputs(shape, dtype), rank, world, forward, backward)
     diffs = {"out": (out - expected[:, :, part]).abs().max().item()}
     for name, got, want in zip("qkv", mine, full, strict=True):
         diffs["d" + name] = (got.grad - want.grad[:, :, part]).abs().max().item()
@@ -187,14 +196,8 @@ def _nan_case(rank: int, world: int, where: str) -> dict:
     target = {"q": q, "k": k, "v": v}[where]
     for row in (5, shape[3] // world + 2):  # one on rank 0, one on rank 1
         target[0, 1, row, 0] = float("nan")
-    full = [t.clone().requires_grad_() for t in (q, k, v)]
-    expected = spattn.attention(*full, pattern, backend="torch")
-    expected.backward(do)
-    n = shape[3] // world
-    part = slice(rank * n, (rank + 1) * n)
-    mine = [t[:, :, part].clone().requires_grad_() for t in (q, k, v)]
-    out = distributed_attention(*mine, pattern)
-    out.backward(do[:, :, part])
+    expected, full, out, mine, part = _single_and_distributed(
+        pattern, q, k, v, do, rank, world, CommCounter(), CommCounter())
     report = {"mismatched": [], "nan rows": 0}
     for name, got, want in (("out", out, expected[:, :, part]),
                             *((f"d{x}", a.grad, b.grad[:, :, part])

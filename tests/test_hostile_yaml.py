@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from unittest import mock
 
 import pytest
 from pydantic import ValidationError
+from work_meter import peak_megabytes
 
 from spattn.cli.main import main
 from spattn.errors import PatternError, SpattnError
@@ -107,13 +107,9 @@ def bounded(megabytes: float = MEGABYTES, objects: int = MAX_YAML_NODES) -> Iter
     """Fail when the block allocates more than `megabytes` at its peak or constructs more than
     `objects` values from YAML; its Work is yielded (complete once the block is done)."""
     work = Work()
-    with hang_guard(), counting(work):
-        tracemalloc.start()
-        try:
-            yield work
-        finally:
-            work.megabytes = tracemalloc.get_traced_memory()[1] / 2**20
-            tracemalloc.stop()
+    with hang_guard(), counting(work), \
+            peak_megabytes(lambda mb: setattr(work, "megabytes", mb)):
+        yield work
     assert work.megabytes < megabytes, f"allocated {work.megabytes:.0f} MB"
     assert work.objects <= objects, f"constructed {work.objects:,} values from YAML"
 

@@ -76,12 +76,19 @@ def metered() -> Iterator[Meter]:
         stack.enter_context(mock.patch.object(geometry._OnHeads, "allows", allows))
         stack.enter_context(mock.patch.object(blocks, "draw_blocks", draw_blocks))
         stack.enter_context(mock.patch.object(torch_backend, "plan_pieces", plan_pieces))
-        tracemalloc.start()
-        try:
+        with peak_megabytes(lambda mb: setattr(meter, "peak_mb", mb)):
             yield meter
-        finally:
-            meter.peak_mb = tracemalloc.get_traced_memory()[1] / 2**20
-            tracemalloc.stop()
+
+
+@contextmanager
+def peak_megabytes(record) -> Iterator[None]:
+    """Trace Python allocations (numpy's included) while the block runs, then record(peak MB)."""
+    tracemalloc.start()
+    try:
+        yield
+    finally:
+        record(tracemalloc.get_traced_memory()[1] / 2**20)
+        tracemalloc.stop()
 
 
 # The child's own peak: VmHWM belongs to the process image, while ru_maxrss keeps what the
