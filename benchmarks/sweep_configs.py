@@ -2,6 +2,7 @@
 candidates ahead of time, on this CPU machine, with triton's ptxas (no GPU).
 
     python benchmarks/sweep_configs.py [--targets sm_80 sm_90] [--keep 3]
+    python benchmarks/sweep_configs.py --refit   # under a second triton (3.6: the H200 image's)
 
 Every kernel specialization the built-in patterns' launchers make (fp16, bf16, fp32; head dims
 64 and 128) is grouped by table cell: architecture, dtype, head dim, kernel and mode. Each cell
@@ -103,16 +104,39 @@ def collect(target: str, folder: Path) -> dict[str, list[tuple[aot.Spec, Path]]]
     return {key: list(bodies.values()) for key, bodies in sorted(cells.items())}
 
 
-def sweep(target: str, keep: int) -> dict[str, list[list[int]]]:
-    """Try each cell's candidates in order; return cell -> the kept configurations."""
+def csv_path(target: str, refit: bool = False) -> Path:
+    """A sweep's record of every compile; a refit's is named by its triton version."""
+    suffix = f"_triton-{triton.__version__}" if refit else ""
+    return RESULTS / f"sweep_configs_{target}{suffix}.csv"
+
+
+def sweep(target: str, keep: int, refit: bool = False, only: list[str] | None = None,
+          extend: bool = False) -> dict[str, list[list[int]]]:
+    """Try each cell's candidates in order; return cell -> the kept configurations. With
+    `refit`, the candidates are the cell's rows of the committed table (made with another
+    triton) and every one that fits is kept: the rows then fit both versions; with `extend`
+    too, the sweep's smaller candidates after them (for a cell none of whose rows fits: run
+    the refit under each version in turn). `only`: these cells alone."""
     with tempfile.TemporaryDirectory(prefix="spattn-sweep-") as folder:
         cells = collect(target, Path(folder))
+        if only:
+            cells = {key: bodies for key, bodies in cells.items() if key in only}
         print(f"{target}: {len(cells)} cells, "
               f"{sum(len(v) for v in cells.values())} kernel bodies", flush=True)
-        pending = {key: [c for c in candidates(key.split("/")[3], key.split("/")[4])
-                         if not _hopeless(key, c)] for key in cells}
+        if refit:
+            keep = max(len(rows) for rows in table_rows().values())
+            pending = {key: list(table_rows().get(key, [])) for key in cells}
+            if extend:
+                for key, rows in pending.items():
+                    order = candidates(key.split("/")[3], key.split("/")[4])
+                    last = max((order.index(c) for c in rows if c in order), default=-1)
+                    rows += [c for c in order[last + 1:] if not _hopeless(key, c)]
+                    pending[key] = rows
+        else:
+            pending = {key: [c for c in candidates(key.split("/")[3], key.split("/")[4])
+                             if not _hopeless(key, c)] for key in cells}
         kept: dict[str, list[LaunchConfig]] = defaultdict(list)
-        known, rows = _known(target)  # an earlier sweep's verdicts: not compiled again
+        known, rows = _known(csv_path(target, refit))  # earlier verdicts: not compiled again
         while pending:
             for key in list(pending):  # settle what the earlier sweep decided
                 while pending[key] and (key, str(pending[key][0])) in known \
@@ -145,17 +169,37 @@ def sweep(target: str, keep: int) -> dict[str, list[list[int]]]:
                     del pending[key]
             print(f"{target}: {len(jobs)} compiles in {time.perf_counter() - begin:.0f} s, "
                   f"{len(pending)} cells open", flush=True)
-    with open(RESULTS / f"sweep_configs_{target}.csv", "w", newline="") as f:
+    with open(csv_path(target, refit), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["cell", "config", "kernel", "mode", "dtype", "head_dim", "shape",
                          "registers", "spills", "shared", "tensor_core", "status"])
         writer.writerows(rows)
+    if refit:
+        return refitted(target, {key: kept.get(key, []) for key in cells})
     return from_csv(target, keep)
 
 
-def _known(target: str) -> tuple[dict[tuple[str, str], bool], list[list]]:
+def table_rows() -> dict[str, list[LaunchConfig]]:
+    """The committed table's rows per cell."""
+    cells = json.loads(configs.TABLE.read_text())["cells"]
+    return {key: [LaunchConfig(*row) for row in rows] for key, rows in cells.items()}
+
+
+def refitted(target: str, kept: dict[str, list[LaunchConfig]]) -> dict[str, list[list[int]]]:
+    """A refit's rows: per cell, the table's rows that also fit this triton, in their order. A
+    cell where none does keeps its rows, and says so: it needs a sweep under both versions."""
+    chosen = {}
+    for key, fit in kept.items():
+        if not fit:
+            print(f"{target}: {key}: none of its rows fits triton {triton.__version__} "
+                  f"without spills; kept as they are", file=sys.stderr)
+            fit = table_rows()[key]
+        chosen[key] = [[c.block_m, c.block_n, c.num_warps, c.num_stages] for c in fit]
+    return chosen
+
+
+def _known(path: Path) -> tuple[dict[tuple[str, str], bool], list[list]]:
     """(cell, config) -> whether it fit every body an earlier sweep compiled, and its rows."""
-    path = RESULTS / f"sweep_configs_{target}.csv"
     if not path.exists():
         return {}, []
     with open(path, newline="") as f:
@@ -179,10 +223,20 @@ def main() -> None:
     parser.add_argument("--from-csv", action="store_true",
                         help="rebuild the targets' table rows from their sweep CSVs, compiling "
                              "nothing")
+    parser.add_argument("--refit", action="store_true",
+                        help="under a second triton version: keep, of each cell's table rows, "
+                             "those that compile without spills here too, so the table fits both")
+    parser.add_argument("--extend", action="store_true",
+                        help="with --refit: try the smaller candidates after a cell's rows too")
+    parser.add_argument("--cells", nargs="+", metavar="CELL",
+                        help="sweep these cells only (e.g. sm_80/fp16/128/dilated_rows/bwd)")
     args = parser.parse_args()
     for target in args.targets:
-        chosen = from_csv(target, args.keep) if args.from_csv else sweep(target, args.keep)
-        write_table(target, chosen)
+        if args.from_csv:
+            chosen = from_csv(target, args.keep)
+        else:
+            chosen = sweep(target, args.keep, args.refit, args.cells, args.extend)
+        write_table(target, chosen, refit=args.refit, partial=bool(args.cells))
 
 
 def from_csv(target: str, keep: int) -> dict[str, list[list[int]]]:
@@ -192,7 +246,7 @@ def from_csv(target: str, keep: int) -> dict[str, list[list[int]]]:
     fits: dict[str, dict[str, bool]] = defaultdict(dict)
     # (kernels that spill, most bytes spilled); inf: a kernel failed to compile
     worst: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)
-    with open(RESULTS / f"sweep_configs_{target}.csv", newline="") as f:
+    with open(csv_path(target), newline="") as f:
         for row in csv.DictReader(f):
             compiled = row["status"] == "ok"
             spilled = int(row["spills"] or 0) if compiled else float("inf")
@@ -215,15 +269,21 @@ def from_csv(target: str, keep: int) -> dict[str, list[list[int]]]:
     return chosen
 
 
-def write_table(target: str, chosen: dict[str, list[list[int]]]) -> None:
-    """Replace the target's rows of the committed table."""
-    cells = json.loads(configs.TABLE.read_text()).get("cells", {})
-    cells = {k: v for k, v in cells.items() if not k.startswith(target + "/")}
+def write_table(target: str, chosen: dict[str, list[list[int]]], refit: bool = False,
+                partial: bool = False) -> None:
+    """Replace the target's rows of the committed table (`partial`: only the chosen cells'); a
+    refit adds its triton version to the versions the table's rows fit."""
+    old = json.loads(configs.TABLE.read_text())
+    cells = {k: v for k, v in old.get("cells", {}).items()
+             if partial or not k.startswith(target + "/")}
     cells.update(chosen)
+    versions = sorted(set(old.get("tritons", [])) | {triton.__version__}) if refit \
+        else [triton.__version__]
     table = {"about": "launch configurations per cell, [BLOCK_M, BLOCK_N, num_warps, "
-                      "num_stages], best first; made by benchmarks/sweep_configs.py with "
-                      f"triton {triton.__version__}: each compiles with no spills for every "
-                      "built-in kernel of its cell",
+                      "num_stages], best first; made by benchmarks/sweep_configs.py (and "
+                      "--refit under each further triton): each compiles with no spills for "
+                      "every built-in kernel of its cell under every triton listed",
+             "tritons": versions,
              "cells": dict(sorted(cells.items()))}
     configs.TABLE.write_text(json.dumps(table, indent=1) + "\n")
     print(f"wrote {target}'s rows of {configs.TABLE}")
