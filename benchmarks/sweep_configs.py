@@ -68,8 +68,7 @@ def candidates(kernel: str, mode: str) -> list[LaunchConfig]:
     return ROWS_BACKWARD if mode == "bwd" else ROWS_FORWARD
 
 
-SIZES = ("SEGMENT", "DILATION", "WINDOW", "BLOCK", "DRAWS", "BRANCH", "BLOCK_M", "BLOCK_N",
-         "num_warps", "num_stages")
+SIZES = ("EARLIER", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 
 def _hopeless(cell: str, config: LaunchConfig) -> bool:
@@ -80,12 +79,13 @@ def _hopeless(cell: str, config: LaunchConfig) -> bool:
 
 
 def _body(spec: aot.Spec, pattern: str) -> tuple:
-    """What shapes a kernel's code, sizes aside: its flags, which tables it gets, and under union
-    (and in decoding) the pattern and branch, whose predicate is printed into it."""
+    """What shapes a kernel's code, tiles aside: its flags, which tables it gets, and under union
+    the pattern and the branches before its own, whose predicate is printed into it (branch
+    sizes are run-time arguments)."""
     c = spec.constexprs
     flags = tuple((k, v) for k, v in c.items() if k not in SIZES)
-    printed = (pattern, c.get("BRANCH")) if c.get("UNION") or "BRANCHES" in c else ()
-    return flags, c.get("DILATION") == 1, tuple(a is None for a in spec.args), printed
+    printed = (pattern, c.get("EARLIER")) if c.get("UNION") else ()
+    return flags, tuple(a is None for a in spec.args), printed
 
 
 def collect(target: str, folder: Path) -> dict[str, list[tuple[aot.Spec, Path]]]:

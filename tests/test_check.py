@@ -61,19 +61,25 @@ def test_records_forward_backward_and_decode_of_every_branch_kind():
         assert {(f"_{kind}_rows", "fwd"), (f"_{kind}_rows", "bwd"),
                 (f"_{kind}_cols", "bwd")} <= seen, kind
     assert ("_decode_rows", "decode") in seen
-    # each branch is its own specialization: 6 branches' rows forward, rows backward, columns
-    assert {s.constexprs.get("BRANCH") for s in specs} == {0, 1, 2, 3, 4, 5, None}
+    # one kernel per (kernel, mode, STRIDED): every branch of a kind shares it, sizes are
+    # run-time arguments (dense is a dilated branch; strided its own STRIDED=True kernel)
+    kernels = [(s.kernel, s.mode, s.constexprs.get("STRIDED")) for s in specs]
+    assert len(kernels) == len(set(kernels)) == 16, kernels
+    assert all(not {"SEGMENT", "DILATION", "WINDOW", "BLOCK", "BRANCH", "GLOBAL_QUERIES"}
+               & set(s.constexprs) for s in specs)
     strided = [s for s in specs if s.constexprs.get("STRIDED")]
     assert {s.mode for s in strided} == {"fwd", "bwd"} and len(strided) == 3
-    globals_ = {s.constexprs["GLOBAL_QUERIES"] for s in specs if s.kernel == "_global_rows"}
-    assert globals_ == {False, True}
+    # launches served: dilated + dense rows forward 2; global rows twice a pass
+    launches = {(s.kernel, s.mode, s.constexprs.get("STRIDED")): s.launches for s in specs}
+    assert launches[("_dilated_rows", "fwd", False)] == 2
+    assert launches[("_global_rows", "fwd", None)] == 2
+    assert launches[("_global_cols", "bwd", None)] == 2
     # the table's configurations for sm_90, though this process runs the interpreter
     for s in specs:
         with configs.recording(90):
             want = configs.launch_config(s.kernel, s.mode, torch.device("meta"),
                                          aot.DTYPES[s.dtype], s.head_dim)
         assert {k: s.constexprs[k] for k in want.kwargs()} == want.kwargs(), s.kernel
-    assert {s.constexprs["BLOCK"] for s in specs if "BLOCK" in s.constexprs} == {64}
     # outside the recording: the interpreter's tiles
     assert generated.launch_config("dilated_rows", "fwd", torch.device("cpu"), torch.float16,
                                    64) == configs.INTERPRETED
@@ -81,7 +87,27 @@ def test_records_forward_backward_and_decode_of_every_branch_kind():
 
 def test_duplicate_launches_are_one_specialization():
     specs = _specs(SMALL, dtypes=("fp16", "fp16"), head_dims=(64, 64))
-    assert len(specs) == 7  # 2 branches x (rows fwd, rows bwd, cols) + decode
+    assert len(specs) == 7  # 2 kinds x (rows fwd, rows bwd, cols) + decode
+    assert [s.launches for s in specs] == [4] * 7  # fp16 and 64 given twice each
+
+
+def test_a_second_pattern_of_the_same_kinds_needs_no_other_kernel():
+    """Branch sizes are run-time arguments: patterns whose branches differ only in sizes, count
+    and offsets make the same specializations (triton compiles each once)."""
+    other = SMALL.replace("small-check", "other").replace(
+        "segment: 256, dilation: 2}", "segment: 512, dilation: 4}\n  - {segment: 4096, "
+        "dilation: 1}\n  - {segment: 2048, dilation: 8, offsets: [1, 2, 3, 4, 5, 6, 7, 0]}"
+    ).replace("size: 128", "size: 7")
+    def keys(text: str) -> list[tuple[str, ...]]:
+        pattern = load_pattern_text(text)
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "checked.py"
+            module = aot.load_module(aot.render(pattern, "checked"), path)
+            backend = aot._backend(90)
+            return [aot.specialization_key(module, backend, spec) for spec in
+                    aot.specializations(pattern, module, "sm_90", ("fp16",), (64,))]
+
+    assert keys(other) == keys(SMALL)
 
 
 def test_check_compiles_every_kernel_for_sm_90(tmp_path, capsys):

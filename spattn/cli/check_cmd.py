@@ -18,8 +18,8 @@ MAX_CHECK_HEAD_DIM = 512  # one tile holds a whole head: past this nothing would
 # torch's name of each dtype the compiler checks -> its own short name (spattn.compiler.aot)
 TORCH_NAMES = {str(dtype).removeprefix("torch."): name for name, dtype in DTYPES.items()}
 SHOWN = {name: torch_name for torch_name, name in TORCH_NAMES.items()}
-COLUMNS = ("kernel", "mode", "dtype", "D", "branch", "shape", "BM", "BN", "warps", "stages",
-           "regs", "spills", "smem", "tc", "status")
+COLUMNS = ("kernel", "mode", "dtype", "D", "launches", "shape", "BM", "BN", "warps", "stages",
+           "regs", "spills", "smem", "tc", "s", "status")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -50,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         print("  ".join([*cells, row[-1]]).rstrip())
-    print(f"# {pattern.name}: {len(results)} kernels in {took:.0f} s ({WORKERS} processes), "
+    compiling = sum(r.seconds or 0.0 for r in results)
+    print(f"# {pattern.name}: {len(results)} kernels for {sum(r.spec.launches for r in results)} "
+          f"launches, {compiling:.0f} s of compiling in {took:.0f} s ({WORKERS} processes), "
           f"triton {_triton_version()}", file=sys.stderr)
     print(summary(results, args.target))
     return 0 if all(r.ok for r in results) else 1
@@ -85,10 +87,11 @@ def _row(result: Result) -> tuple[str, ...]:
     status = "ok" if result.ok else f"error: {result.error}"
     dtype = SHOWN.get(spec.dtype, spec.dtype)  # torch's name, as --dtype takes it
     return (spec.kernel.lstrip("_"), spec.mode, dtype, str(spec.head_dim),
-            str(consts.get("BRANCH", "all")), shape, str(consts["BLOCK_M"]),
+            str(spec.launches), shape, str(consts["BLOCK_M"]),
             str(consts["BLOCK_N"]), str(result.num_warps), str(result.num_stages),
             _number(result.registers), _number(result.spills), _number(result.shared),
-            result.tensor_core or "-", status)
+            result.tensor_core or "-",
+            "-" if result.seconds is None else f"{result.seconds:.1f}", status)
 
 
 def _short(value: object) -> str:

@@ -31,7 +31,7 @@ from spattn.runtime import generated
 from spattn.runtime.configs import LaunchConfig
 
 __all__ = ["DTYPES", "TARGETS", "Result", "Spec", "check", "compile_specs", "launches",
-           "specializations"]
+           "specialization_key", "specializations"]
 
 TARGETS = {"sm_80": 80, "sm_90": 90, "sm_100": 100}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -40,7 +40,7 @@ SHARED_LIMIT = {80: 166912, 90: 232448, 100: 232448}
 WORKERS = 2
 # constexprs every kernel has; the table shows the others as a kernel's shape
 COMMON = ("CAUSAL", "GROUP", "HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "PRECISION", "UNION",
-          "BRANCH", "BRANCHES", "BACKWARD", "num_warps", "num_stages")
+          "BACKWARD", "num_warps", "num_stages")
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class Spec:
     head_dim: int
     args: tuple
     kwargs: tuple[tuple[str, object], ...]
+    launches: int = 1  # how many of the launcher's launches this one kernel serves
 
     @property
     def constexprs(self) -> dict[str, object]:
@@ -78,6 +79,7 @@ class Result:
     tensor_core: str | None = None  # wgmma, mma, tcgen05 or none
     num_warps: int = 4
     num_stages: int = 3
+    seconds: float | None = None  # the compile's time in its worker
 
     @property
     def ok(self) -> bool:
@@ -194,10 +196,19 @@ def _backend(capability: int) -> object:
     return make_backend(GPUTarget("cuda", capability, 32))
 
 
+def specialization_key(module: ModuleType, backend: object, spec: Spec) -> tuple[str, ...]:
+    """What triton compiles a launch by: the kernel, its argument types and divisibility, its
+    constexprs and options. Equal keys, one compiled kernel."""
+    signature, constexprs, attrs, options = specialize(getattr(module, spec.kernel), backend,
+                                                       spec.args, dict(spec.kwargs))
+    return spec.kernel, repr(signature), repr(constexprs), repr(attrs), repr(options)
+
+
 def specializations(pattern: Pattern, module: ModuleType, target: str, dtypes: Iterable[str],
                     head_dims: Iterable[int]) -> list[Spec]:
     """The distinct specializations, in launch order: two launches that triton would compile
-    to one kernel (same types, divisibility, constexprs, options) are one."""
+    to one kernel (same types, divisibility, constexprs, options) are one, which counts the
+    launches it serves."""
     capability = target_capability(target)
     backend = _backend(capability)
     unique: dict[tuple, Spec] = {}
@@ -206,12 +217,9 @@ def specializations(pattern: Pattern, module: ModuleType, target: str, dtypes: I
         for dtype in dtypes:
             for head_dim in head_dims:
                 for spec in launches(module, pattern, dtype, head_dim, capability):
-                    kernel = getattr(module, spec.kernel)
-                    signature, constexprs, attrs, options = specialize(
-                        kernel, backend, spec.args, dict(spec.kwargs))
-                    key = (spec.kernel, repr(signature), repr(constexprs), repr(attrs),
-                           repr(options))
-                    unique.setdefault(key, spec)
+                    key = specialization_key(module, backend, spec)
+                    first = unique.setdefault(key, spec)
+                    unique[key] = replace(first, launches=first.launches + (first is not spec))
     return list(unique.values())
 
 
@@ -294,7 +302,7 @@ def _serve(procs: list[subprocess.Popen], specs: list[Spec], module_paths: list[
 def _result(spec: Spec, reply: dict, capability: int) -> Result:
     result = Result(spec, reply.get("error"), reply.get("registers"), reply.get("spills"),
                     reply.get("shared"), reply.get("tensor_core"), reply.get("num_warps", 4),
-                    reply.get("num_stages", 3))
+                    reply.get("num_stages", 3), reply.get("seconds"))
     limit = SHARED_LIMIT[capability]
     if result.error is None and result.shared is not None and result.shared > limit:
         result.error = (f"out of resources: shared memory, needs {result.shared} bytes, "

@@ -9,6 +9,7 @@ import io
 import json
 import re
 import sys
+import time
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
@@ -56,11 +57,13 @@ def compile_one(job: dict) -> dict:
     signature, constexprs, attrs, options = specialize(kernel, backend, job["args"],
                                                        job["kwargs"])
     log = io.StringIO()
+    start = time.perf_counter()
     with contextlib.redirect_stdout(log):
         compiled = triton.compile(triton.compiler.ASTSource(kernel, signature, constexprs, attrs),
                                   target=GPUTarget("cuda", job["capability"], 32),
                                   options=options.__dict__)
-    return {**ptxas_figures(log.getvalue()), "shared": compiled.metadata.shared,
+    return {**ptxas_figures(log.getvalue()), "seconds": time.perf_counter() - start,
+            "shared": compiled.metadata.shared,
             "num_warps": compiled.metadata.num_warps,
             "num_stages": compiled.metadata.num_stages,
             "tensor_core": tensor_core(compiled.asm["ptx"])}

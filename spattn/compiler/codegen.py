@@ -1,8 +1,11 @@
 """Render a pattern into a Python module of Triton kernels, and write it atomically.
 
-The kernels live in templates/kernels.py.jinja; templates/module.py.jinja prints the launcher,
-one launch per branch, with what the pattern fixes (segment, dilation, causal, head_dim) as
-constexprs. Same pattern and versions in, byte-identical module out.
+The kernels live in templates/kernels.py.jinja: a branch's sizes are run-time arguments, so one
+compiled kernel serves every branch of its kind, and the kernels are the same for every pattern
+without union overlap (a union pattern's kernels print its branches into the pair predicate).
+templates/module.py.jinja prints the pattern's branch table and a launcher that loops over it,
+with what the pattern fixes for every branch (causal, overlap, head_dim) as constexprs. Same
+pattern and versions in, byte-identical module out.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import spattn
 from spattn.compiler.files import read_regular, write_atomically
 from spattn.compiler.names import module_name
 from spattn.errors import SpattnError
-from spattn.patterns.geometry import head_ranges
 from spattn.patterns.spec import (
     DenseBranch,
     DilatedBranch,
@@ -105,28 +107,11 @@ def pattern_literal(pattern: Pattern) -> dict:
     }
 
 
-def _heads_note(branch: dict) -> str:
-    """A comment line under a launch of a branch for some heads only."""
-    if branch["heads"] is None:
-        return ""
-    return (f"\n    # query heads {head_ranges(branch['heads'])} only: the other heads' programs "
-            f"return at once")
-
-
 def _template(name: str) -> jinja2.Template:
     text = resources.files("spattn.compiler").joinpath("templates", name).read_text()
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
                              undefined=jinja2.StrictUndefined)
-    env.filters["heads_note"] = _heads_note
     return env.from_string(text)
-
-
-def _random_table_shape(branches: list[dict]) -> dict[str, int]:
-    """How the union hook indexes the random branches' stacked draw tables (rows per head are
-    ceil(N / smallest block), draws per row the most any branch makes)."""
-    random = [b for b in branches if b["kind"] == "random"]
-    return {"random_min_block": min((b["block"] for b in random), default=1),
-            "random_max_draws": max((b["blocks"] for b in random), default=1)}
 
 
 @lru_cache(maxsize=1)
@@ -152,9 +137,9 @@ def render(pattern: Pattern, module: str | None = None) -> str:
         emitter_key=emitter_key(),
         pattern_literal=repr(literal),
         kernels=_template("kernels.py.jinja").render(branches=literal["branches"],
-                                                     **_random_table_shape(literal["branches"])),
+                                                     union=pattern.overlap == "union"),
         softmax_scale=pattern.softmax_scale, head_dim=pattern.head_dim, causal=pattern.causal,
-        head_offsets=pattern.head_offsets, branches=literal["branches"],
+        kinds=list(dict.fromkeys(b["kind"] for b in literal["branches"])),
         union=pattern.overlap == "union")
 
 

@@ -20,7 +20,7 @@ from spattn.runtime.configs import launch_config, recording, recording_capabilit
 from spattn.runtime.dispatch import Call, InputError, check_fixed, check_tensors
 from spattn.runtime.tuning import launch
 
-__all__ = ["MAX_TOKENS", "check", "check_decode", "check_scale", "decode_chunk", "fit",
+__all__ = ["MAX_TOKENS", "check", "check_decode", "check_scale", "decode_chunk", "fold",
            "interpreter_problem", "interpreter_state", "launch", "launch_config", "merge_splits",
            "recording"]
 
@@ -120,12 +120,6 @@ def _check_interpreter(device: torch.device, kernel: object) -> None:
         raise InputError(problem)
 
 
-def fit(size: int, n: int) -> int:
-    """A size as a kernel constant for length n: sizes >= n all act as n, so a larger one becomes
-    the next power of two >= n (few distinct constants, so few recompiles)."""
-    return size if size <= n else min(size, 1 << max(0, n - 1).bit_length())
-
-
 def _check_row_offsets(rows: int, dim: int) -> None:
     """Row offsets (row * D in contiguous rows) are 32-bit in the kernels."""
     if rows * dim >= 2**31:
@@ -166,16 +160,26 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def merge_parts(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge parts of rows by log-sum-exp: out (..., S, D) each part's normalized output, lse
+    (..., S) its natural-log LSE (-inf: the part gave the row no key). Returns (..., D) and
+    (...,), -inf where no part gave a key."""
+    top = lse.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    weight = torch.exp(lse - top)  # 0 where -inf
+    total = weight.sum(-1, keepdim=True)
+    merged = (out * (weight / torch.where(total > 0, total, 1.0))[..., None]).sum(-2)
+    has = total[..., 0] > 0
+    return merged, torch.where(has, top[..., 0] + torch.log(torch.where(has, total[..., 0], 1.0)),
+                               float("-inf"))
+
+
 def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """Merge flash-decoding's chunks: out (B, H, T, S, D) each chunk's normalized output, lse
     (B, H, T, S) its natural-log LSE (-inf: the chunk gave the row no key)."""
     if out.shape[3] == 1:
         return out[:, :, :, 0]
-    top = lse.amax(-1, keepdim=True)
-    weight = torch.exp(lse - torch.where(torch.isfinite(top), top, 0.0))  # 0 where -inf
-    total = weight.sum(-1, keepdim=True)
-    weight = weight / torch.where(total > 0, total, 1.0)
-    return (out * weight[..., None]).sum(3)
+    return merge_parts(out, lse)[0]
 
 
 FP32_DOT = ("tf32x3", "ieee", "tf32")  # SPATTN_FP32_DOT: the first is the default
@@ -244,6 +248,145 @@ def _guards(pattern: dict | None, q: torch.Tensor, k: torch.Tensor, scale: float
     return reach, attended
 
 
+GRID_AXIS = 65535  # the most programs grid axes 1 and 2 take
+
+
+def fold(programs: int, count: int) -> tuple[int, int, int]:
+    """A grid of `programs` along axis 0 for each of `count` (batch x heads) items, the count
+    folded into axes 1 and 2 so that neither passes its limit (the kernels' _folded)."""
+    return programs, min(count, GRID_AXIS), _cdiv(count, GRID_AXIS)
+
+
+def segments(n: int, segment: int, dilation: int, strided: bool) -> tuple[int, int]:
+    """(segments, most rows one head keeps in a segment) of a dilated branch at length n, as the
+    kernels' _segments computes them: a strided branch's segments are its residue classes."""
+    if strided:
+        return min(n, dilation), _cdiv(n, dilation)
+    w = min(n, segment)
+    return _cdiv(n, w), _cdiv(w, dilation)
+
+
+class Branches:
+    """What every branch's launches share in one forward or backward call of a generated
+    module's launcher: the tensors and their strides, the union tables, the constants. `rows`
+    and `cols` launch a row or column kernel with a branch's own tensors and sizes; a kernel
+    whose results go to a scratch tensor first takes it as `store`."""
+
+    def __init__(self, pattern: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 o: torch.Tensor | None, lse: torch.Tensor, do: torch.Tensor | None,
+                 delta: torch.Tensor | None, dq: torch.Tensor | None, dk: torch.Tensor | None,
+                 dv: torch.Tensor | None, scale: float, **constants: object) -> None:
+        self.pattern, self.q, self.scale = pattern, q, scale
+        self.batch, self.heads, self.n, dim = q.shape
+        self.kv_heads = k.shape[1]
+        self.device = q.device
+        self.backward = dq is not None
+        self.mode = "bwd" if self.backward else "fwd"
+        self.inputs = (q, k, v)
+        self.o, self.lse, self.do, self.delta, self.dq, self.dk, self.dv = o, lse, do, delta, \
+            dq, dk, dv
+        per_query = do if self.backward else o  # O, dO, dQ share strides; so do L and Delta
+        self.strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                        k.stride(2), per_query.stride(0), per_query.stride(1), lse.stride(0),
+                        lse.stride(1))
+        on_heads = head_table(pattern, self.heads, q.device)  # None: every branch, every head
+        # overlap: union: every branch drops the pairs earlier branches give (_pairs_given)
+        self.tables = ((on_heads, *pair_tables(pattern, self.heads, self.n, q.device))
+                       if constants["UNION"] else (on_heads, None, None, None, None))
+        self.meta = dict(constants, GROUP=self.heads // self.kv_heads,
+                         BLOCK_D=_next_power_of_2(max(16, dim)), PRECISION=dot_precision(q.dtype))
+
+    def stores(self) -> tuple[torch.Tensor, ...]:
+        """What the row kernels write: the running (O, LSE) forward, dQ backward."""
+        return (self.dq,) if self.backward else (self.o, self.lse)
+
+    def key_stores(self) -> tuple[torch.Tensor, ...]:
+        return self.dk, self.dv
+
+    def scratch(self, rows: int) -> tuple[torch.Tensor, ...]:
+        """Row kernels' results for `rows` rows a head, to merge after: an empty (O, LSE)
+        forward, zero dQ backward."""
+        shape = (self.batch * self.heads, rows)
+        o = torch.zeros((*shape, self.q.shape[-1]), dtype=torch.float32, device=self.device)
+        if self.backward:
+            return (o,)
+        return o, torch.full(shape, float("-inf"), dtype=torch.float32, device=self.device)
+
+    def key_scratch(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.batch * self.kv_heads, rows, self.q.shape[-1])
+        return (torch.zeros(shape, dtype=torch.float32, device=self.device),
+                torch.zeros(shape, dtype=torch.float32, device=self.device))
+
+    def _run(self, kernel: object, name: str, programs: Callable, count: int, args: tuple,
+             constants: dict, writes: tuple) -> None:
+        launch(kernel, name, self.mode, lambda c: fold(programs(c), count), args,
+               {**self.meta, **constants}, q=self.q, size=self.n,
+               pattern_hash=self.pattern["hash"], writes=writes)
+
+    def rows(self, kernel: object, name: str, programs: Callable, tensors: tuple,
+             sizes: tuple, index: int, store: tuple | None = None, **constants: object) -> None:
+        """A row kernel over `programs(config)` programs a (batch, head)."""
+        q, k, v = self.inputs
+        target = store or self.stores()
+        if self.backward:
+            o, lse, dq = self.o, self.lse, target[0]
+        else:
+            (o, lse), dq = target, None
+        extra = () if store is None else (target[0].stride(0), target[0].stride(1),
+                                          target[-1].stride(0), target[-1].stride(1))
+        args = (q, k, v, o, lse, self.do, self.delta, dq, *tensors, self.n, self.heads,
+                self.batch * self.heads, self.scale, *sizes, index, *self.tables,
+                *self.strides, *extra)
+        self._run(kernel, name, programs, self.batch * self.heads, args,
+                  dict(constants, BACKWARD=self.backward, EARLIER=self._earlier(index)), target)
+
+    def cols(self, kernel: object, name: str, programs: Callable, tensors: tuple,
+             sizes: tuple, index: int, store: tuple | None = None, **constants: object) -> None:
+        """A column kernel (backward only) over `programs(config)` programs a (batch, key
+        head)."""
+        if not self.backward:
+            return
+        q, k, v = self.inputs
+        dk, dv = store or self.key_stores()
+        extra = () if store is None else (dk.stride(0), dk.stride(1))
+        args = (q, k, v, self.lse, self.do, self.delta, dk, dv, *tensors, self.n, self.heads,
+                self.batch * self.kv_heads, self.scale, *sizes, index, *self.tables,
+                *self.strides, dk.stride(0), dk.stride(1), *extra)
+        self._run(kernel, name, programs, self.batch * self.kv_heads, args,
+                  dict(constants, EARLIER=self._earlier(index)), (dk, dv))
+
+    def _earlier(self, index: int) -> int:
+        """The branches a union kernel's pair predicate compiles in (the ones before its own);
+        0 without union, so that every branch shares the kernel."""
+        return index if self.meta["UNION"] else 0
+
+    def merge_rows(self, rows: torch.Tensor, scratch: tuple, chunks: int) -> None:
+        """Fold a scratch of `chunks` parts per row (rows chunk * len(rows) + i) into `rows`:
+        by log-sum-exp into (O, LSE) forward, summed into dQ backward."""
+        g = len(rows)
+        if self.backward:
+            part = scratch[0].view(-1, chunks, g, scratch[0].shape[-1]).sum(1)
+            self.dq.index_add_(1, rows, part)
+            return
+        part_o = scratch[0].view(-1, chunks, g, self.o.shape[-1]).transpose(1, 2)
+        part_l = scratch[1].view(-1, chunks, g).transpose(1, 2)
+        outs = torch.cat([self.o[:, rows, None], part_o], 2)  # (BH, G, 1 + chunks, D)
+        lses = torch.cat([self.lse[:, rows, None], part_l], 2)
+        merged_o, merged_l = merge_parts(outs, lses)
+        self.o[:, rows] = merged_o
+        self.lse[:, rows] = merged_l
+
+    def merge_keys(self, keys: torch.Tensor, scratch: tuple, chunks: int) -> None:
+        """Sum a scratch of dK, dV parts (rows chunk * len(keys) + i) into `keys` of dK, dV."""
+        g = len(keys)
+        for total, part in zip((self.dk, self.dv), scratch, strict=True):
+            total.index_add_(1, keys, part.view(-1, chunks, g, part.shape[-1]).sum(1))
+
+
+def _next_power_of_2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
 @lru_cache(maxsize=256)
 def _offsets_cached(offsets: tuple[int, ...] | None, mode: str, dilation: int, heads: int,
                     device: str) -> torch.Tensor:
@@ -290,42 +433,50 @@ def head_table(pattern: dict, heads: int, device: torch.device) -> torch.Tensor 
     return _heads_cached(on, heads, str(device))
 
 
-# a branch as the pair tables need it: (dilation or None, explicit offsets or None, global
-# tokens, random (block, draws, seed) or None)
-_Branch = tuple[int | None, tuple[int, ...] | None, tuple[int, ...], tuple[int, int, int] | None]
+KIND_CODES = {"dense": 0, "dilated": 1, "window": 2, "global": 3, "strided": 4, "random": 5}
+
+
+def _table_branch(branch: dict) -> tuple:
+    """A branch as the pair tables need it (hashable): kind, sizes, offsets, tokens, draws."""
+    return (branch["kind"], branch.get("segment", branch.get("size", branch.get(
+        "stride", branch.get("block", 0)))), branch.get("dilation", branch.get("blocks", 0)),
+        tuple(branch["offsets"]) if branch.get("offsets") else None,
+        tuple(branch.get("tokens", ())), branch.get("seed"))
 
 
 @lru_cache(maxsize=64)
-def _pair_tables_cached(branches: tuple[_Branch, ...], mode: str, heads: int, n: int, causal: bool,
-                  device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pair_tables_cached(branches: tuple[tuple, ...], mode: str, heads: int, n: int,
+                        causal: bool, device: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    shapes = torch.zeros((len(branches), 4), dtype=torch.int32)
     offsets = torch.zeros((len(branches), heads), dtype=torch.int32)
     flags = torch.zeros((len(branches), max(n, 1)), dtype=torch.int8)
-    random = [b[3] for b in branches if b[3] is not None]
-    rows = -(-n // min((r[0] for r in random), default=1))
-    draws = torch.full((len(branches), heads, max(rows, 1), max((r[1] for r in random),
-                                                                default=1)), -1, dtype=torch.int32)
-    for i, (dilation, explicit, tokens, drawn) in enumerate(branches):
-        if dilation is not None:
-            offsets[i] = torch.tensor(explicit or _offsets(mode, dilation, heads))
+    drawn = [torch.full((1,), -1, dtype=torch.int32)]  # one entry: never an empty tensor
+    start = 1
+    for i, (kind, size, extra, explicit, tokens, seed) in enumerate(branches):
+        shapes[i, :3] = torch.tensor([KIND_CODES[kind], size, extra])
+        if kind == "dilated":
+            offsets[i] = torch.tensor(explicit or _offsets(mode, extra, heads))
         flags[i, [t for t in tokens if t < n]] = 1
-        if drawn is not None:
-            table = random_blocks(*drawn, n, heads, causal)
-            draws[i, :, :table.shape[1], :table.shape[2]] = table
-    return offsets.to(device), flags.to(device), draws.to(device)
+        if kind == "random":  # (H, ceil(N / block), draws) flattened, after the others
+            table = random_blocks(size, extra, seed, n, heads, causal).to(torch.int32)
+            shapes[i, 3] = start
+            drawn.append(table.reshape(-1))
+            start += table.numel()
+    return (shapes.to(device), offsets.to(device), flags.to(device),
+            torch.cat(drawn).to(device))
 
 
 def pair_tables(pattern: dict, heads: int, n: int, device: torch.device
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """What the kernels' _pairs_given reads to tell which branches give a pair (union overlap,
-    decoding): every branch's per-head offsets (branches, H) int32, global-token flags
-    (branches, N) int8, and random draws (branches, H, ceil(N / smallest block), most draws)
-    int32."""
-    branches = tuple((b.get("dilation"), tuple(b["offsets"]) if b.get("offsets") else None,
-                      tuple(b.get("tokens", ())),
-                      (b["block"], b["blocks"], b["seed"]) if b["kind"] == "random" else None)
-                     for b in pattern["branches"])
+    decoding): every branch's kind and sizes (branches, 4) int32 (kind code, size, dilation or
+    draws, where a random branch's draws start), per-head offsets (branches, H) int32,
+    global-token flags (branches, N) int8, and the random branches' draws, (H, ceil(N / block),
+    draws) int32 each, one after another."""
+    branches = tuple(_table_branch(b) for b in pattern["branches"])
     return _pair_tables_cached(branches, pattern["head_offsets"], heads, n, pattern["causal"],
-                         str(device))
+                               str(device))
 
 
 def table_length(n: int) -> int:
