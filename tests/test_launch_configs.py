@@ -104,6 +104,22 @@ def test_tuning_keeps_the_fastest_and_results_exact(monkeypatch, tmp_path):
         assert torch.equal(a, b)
 
 
+def test_tuning_times_a_part_of_the_launch_and_keys_on_size_buckets():
+    """Tuning runs the programs of the first (batch, head) items that fill the GPU a few times,
+    so it saves and restores only their rows, never a whole accumulator; choices are shared by
+    calls of nearby sizes."""
+    grid, items = tuning._part((10, 65535, 3), 132)  # B*H = 196605 folded into axes 1 and 2
+    assert items == -(-tuning.TIMED_WAVES * 132 // 10) and grid == (10, items, 1)
+    assert tuning._part((100_000, 4, 1), 132) == ((100_000, 1, 1), 1)  # one item fills it
+    assert tuning._part((2, 3, 1), 132) == ((2, 3, 1), 3)  # fewer items than that: all of them
+    q = torch.empty((3, 5, 1, 64))
+    keys = {tuning._key("h", "dilated_rows", "fwd", t, n, {"CAUSAL": True}) for t, n in
+            ((q, 1000), (torch.empty((2, 8, 1, 64)), 1024), (torch.empty((16, 1, 1, 64)), 513))}
+    assert len(keys) == 1, keys
+    assert tuning._key("h", "dilated_rows", "fwd", q, 1025, {}) != tuning._key(
+        "h", "dilated_rows", "fwd", q, 1024, {})
+
+
 def test_tuning_is_off_without_a_gpu_or_when_asked(monkeypatch):
     assert not tuning.tuning_enabled(torch.device("cpu"))
     monkeypatch.setenv("SPATTN_TUNE", "0")

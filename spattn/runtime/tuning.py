@@ -3,8 +3,12 @@
 On a GPU, the first launch of a kernel for a shape times every configuration the committed table
 lists as fitting (spattn/runtime/configs.py) and keeps the fastest; the choice is cached in
 memory and on disk, one JSON file per device name and spattn and triton versions, keyed by the
-pattern's hash and the launch's shape. Tensors a kernel writes (the running O and LSE, the gradient
-accumulators) are saved before timing and restored after, so tuning never changes a result.
+pattern's hash, the kernel and its constants, and the launch's size to the next power of two
+(batch x heads and tokens). Timing runs a part of the launch, the programs of the first few
+(batch, head) items (kernels fold them into grid axes 1 and 2), enough to fill the GPU several
+times; only those items' rows of what the kernel writes (the running O and LSE, the gradient
+accumulators) are saved before timing and restored after, so tuning never changes a result and
+never copies a whole accumulator.
 
 SPATTN_TUNE=0 turns tuning off (the table's first configuration is used); SPATTN_CACHE_DIR
 moves the cache (default ~/.cache/spattn).
@@ -72,27 +76,52 @@ def _remember(path: Path, key: str, config: LaunchConfig) -> None:
         pass
 
 
+def _bucket(size: int) -> int:
+    return 1 << max(0, size - 1).bit_length()
+
+
 def _key(pattern_hash: str, name: str, mode: str, q: torch.Tensor, size: int,
          meta: dict) -> str:
-    """What a choice depends on: the pattern, the kernel and its constants, dtype, head dim and
-    the sequence length to the next power of two (programs per launch)."""
+    """What a choice depends on: the pattern, the kernel and its constants, dtype, head dim, and
+    batch x heads and the sequence length each to the next power of two (programs per
+    launch)."""
     shape = ",".join(f"{k}={v}" for k, v in sorted(meta.items())
                      if isinstance(v, (bool, int, str)) and k not in ("BLOCK_M", "BLOCK_N"))
-    bucket = 1 << max(0, size - 1).bit_length()
     return (f"{pattern_hash}|{name}|{mode}|{str(q.dtype).removeprefix('torch.')}|D={q.shape[-1]}"
-            f"|B*H={q.shape[0] * q.shape[1]}|N~{bucket}|{shape}")
+            f"|B*H~{_bucket(q.shape[0] * q.shape[1])}|N~{_bucket(size)}|{shape}")
+
+
+TIMED_WAVES = 4  # programs timed per configuration: this many times the GPU's processors
+
+
+def _part(grid: tuple[int, ...], processors: int) -> tuple[tuple[int, int, int], int]:
+    """(the grid of a part of a launch, the (batch, head) items it covers): the first items
+    whose programs fill the GPU TIMED_WAVES times (all of them if fewer)."""
+    programs, folded = grid[0], grid[1] * grid[2] if len(grid) > 2 else grid[1]
+    items = min(folded, max(1, -(-TIMED_WAVES * processors // max(programs, 1))))
+    return (programs, items, 1), items
+
+
+def _processors(device: torch.device) -> int:
+    """The GPU's multiprocessors (4 elsewhere: a test's pretend device)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _tune(kernel: object, options: Sequence[LaunchConfig], grid: Grid, args: tuple, meta: dict,
-          writes: Sequence[torch.Tensor]) -> LaunchConfig:
-    """The fastest of `options`; what the kernel writes is restored after the timings. A
-    configuration that fails to launch on this device is passed over."""
-    saved = [t.clone() for t in writes]
+          writes: Sequence[torch.Tensor], processors: int) -> LaunchConfig:
+    """The fastest of `options`, timed on a part of the launch (_part); the rows of `writes`
+    (each indexed by the folded (batch, head) item first) that part changes are restored after.
+    A configuration that fails to launch on this device is passed over."""
+    parts = {config: _part(grid(config), processors) for config in options}
+    items = max(covered for _, covered in parts.values())
+    saved = [t[:items].clone() for t in writes]
     best, best_ms = options[0], float("inf")
     try:
         for config in options:
             def run(config: LaunchConfig = config) -> None:
-                kernel[grid(config)](*args, **meta, **config.kwargs())
+                kernel[parts[config][0]](*args, **meta, **config.kwargs())
 
             try:
                 ms = _timer(run)
@@ -102,7 +131,7 @@ def _tune(kernel: object, options: Sequence[LaunchConfig], grid: Grid, args: tup
                 best, best_ms = config, ms
     finally:
         for tensor, copy in zip(writes, saved, strict=True):
-            tensor.copy_(copy)
+            tensor[:items].copy_(copy)
     return best
 
 
@@ -123,7 +152,8 @@ def launch(kernel: object, name: str, mode: str, grid: Grid, args: tuple, meta: 
             config = LaunchConfig(*stored) if stored in [
                 [c.block_m, c.block_n, c.num_warps, c.num_stages] for c in options] else None
         if config is None:
-            config = _tune(kernel, options, grid, args, meta, [t for t in writes if t is not None])
+            config = _tune(kernel, options, grid, args, meta, [t for t in writes if t is not None],
+                           _processors(q.device))
             _remember(path, key, config)
         _CHOSEN[(str(path), key)] = config
     kernel[grid(config)](*args, **meta, **config.kwargs())
