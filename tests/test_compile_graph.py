@@ -82,3 +82,58 @@ def test_fullgraph_compile_over_changing_lengths(dynamic, by_name, attention, mo
         for g, w in zip(torch.autograd.grad(got, (q, k, v), grad),
                         torch.autograd.grad(want, leaves, grad.double()), strict=True):
             torch.testing.assert_close(g.double(), w, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_fullgraph_short_queries_run_the_decoding_op(compiler, monkeypatch, tmp_path):
+    """Queries shorter than the keys, without gradients: the compiled call runs the decoding
+    path (spattn::decode_forward), not a full forward over zero-padded queries, and equals
+    eager, over several lengths."""
+    from spattn.runtime import cached, torch_backend
+
+    monkeypatch.setenv("SPATTN_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    calls = {"decode": 0, "full": 0}
+    for module, name, kind in ((cached, "attend_cached", "decode"),
+                               (torch_backend, "forward", "full")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _r=real, _k=kind, **kw: (
+            calls.__setitem__(_k, calls[_k] + 1), _r(*a, **kw))[1])
+
+    def step(q, k, v):
+        return spattn.attention(q, k, v, PATTERN, backend="torch") * 2
+
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)
+    gen = torch.Generator().manual_seed(2)
+    for nq, n in ((1, 70), (3, 70), (1, 95)):
+        q = torch.randn(2, 4, nq, 8, generator=gen)
+        k, v = (torch.randn(2, 2, n, 8, generator=gen) for _ in range(2))
+        with torch.no_grad():
+            want = step(q, k, v)
+            calls.update(decode=0, full=0)
+            got = compiled(q, k, v)
+        assert calls == {"decode": 1, "full": 0}
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_fullgraph_kv_cache_decoding(compiler, monkeypatch, tmp_path):
+    """KVCache.attend inside a compiled step (one opaque op per call): prompt and tokens give
+    what an eager cache gives."""
+    monkeypatch.setenv("SPATTN_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(3)
+    n, prompt = 60, 25
+    q = torch.randn(1, 4, n, 8, generator=gen)
+    k, v = (torch.randn(1, 2, n, 8, generator=gen) for _ in range(2))
+
+    def step(cache, q, k, v):
+        return torch.tanh(cache.attend(q, k, v)) + 1
+
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)
+    eager, graphed = spattn.KVCache(PATTERN), spattn.KVCache(PATTERN)
+    for lo, hi in [(0, prompt), *((i, i + 1) for i in range(prompt, n))]:
+        args = (q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi])
+        torch.testing.assert_close(compiled(graphed, *args), step(eager, *args), rtol=1e-6,
+                                   atol=1e-6)
+    assert graphed.seen == eager.seen == n and graphed.kept == eager.kept

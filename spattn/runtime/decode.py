@@ -10,18 +10,29 @@ attend their queries to the kept keys and their own, each key weighed by how man
 it (once under `overlap: union`).
 
 Keys and values live in preallocated buffers with lazy eviction: new tokens are written after
-the last slot in use, a key no later query needs is only marked dead (its position becomes one
-no query reaches, so causality hides it), and the live keys are compacted, in order, only when
-the buffer is full. A bounded pattern's buffer holds at most twice its bound, so a compaction
-frees room for at least `bound` more tokens: O(1) copying per token, amortized, where
-concatenating every step would copy every kept key.
+the last slot in use, a key no later query needs is only marked dead in the host's bookkeeping
+(the pattern itself gives it to no later query, so its slot may stay as it is), and the live
+keys are compacted, in order, only when the buffer is full. A bounded pattern's buffer holds
+at most twice its bound, so a compaction frees room for at least `bound` more tokens: O(1)
+copying per token, amortized, where concatenating every step would copy every kept key.
 
 On the PyTorch backend decoding is a masked softmax over the kept keys, built from the branches'
 position predicates a chunk of queries at a time; on the Triton backend it is the pattern's
 generated decode kernel (`decode_attention` in the emitted module).
+
+No host syncs in the steady state. A step that needs no new buffer (no growth, no compaction)
+reads nothing back from the device and copies nothing to it: positions are written on the
+device (`torch.arange`), what dies is worked out on the host from positions it computed itself,
+and non-finite inputs are tracked on the device (a flag per cached key, its row stored zeroed),
+so the NaN contract holds without the guard's check. Such a step can be captured in a CUDA graph
+(after a warm-up step at the same shapes has built the device tables); a replay re-runs the
+captured step (the same slots and positions) on whatever its input tensors then hold.
 """
 
 from __future__ import annotations
+
+import itertools
+import weakref
 
 import numpy as np
 import torch
@@ -31,6 +42,7 @@ from spattn.limits import check_scale
 from spattn.patterns.loader import load_pattern
 from spattn.patterns.retention import cache_bound, last_use
 from spattn.patterns.spec import Pattern
+from spattn.runtime import nonfinite
 from spattn.runtime.cached import decode
 from spattn.runtime.dispatch import (
     InputError,
@@ -41,9 +53,12 @@ from spattn.runtime.dispatch import (
     resolve_scale,
 )
 
-# the position of a dead slot: after every query (positions stay below 2^30), so causal order
+# the position of an unused slot: after every query (positions stay below 2^30), so causal order
 # hides it from all of them; int32, as the decode kernels read positions
 DEAD = 2**31 - 1
+
+_CACHES: weakref.WeakValueDictionary[str, KVCache] = weakref.WeakValueDictionary()  # by name
+_NAMES = itertools.count()
 
 
 class KVCache:
@@ -55,26 +70,42 @@ class KVCache:
     `attend` runs without autograd (decoding is inference). `bound` is the most tokens the cache
     ever holds (None when the pattern keeps every key); `kept` and `memory_bytes` say what it
     holds now.
+
+    With `check_finite` (default) a NaN or inf in q, k or v reaches exactly the rows that attend
+    it, as in `spattn.attention`, tracked on the device (no host sync). `check_finite=False`
+    drops that bookkeeping (a byte per cached key and head, and a pass over each step's mask):
+    non-finite inputs are then not tracked and may also reach rows that do not attend them.
+
+    Under `torch.compile(fullgraph=True)` a call is one opaque op (`spattn::kv_cache_attend`)
+    that runs this eager step: its host bookkeeping (what to keep, when to compact) changes
+    from step to step and cannot be traced, so the compiler optimizes the model around it.
     """
 
     def __init__(self, pattern: Pattern | str, *, backend: str | None = None,
-                 scale: float | None = None) -> None:
+                 scale: float | None = None, check_finite: bool = True) -> None:
         self.pattern = load_pattern(pattern)
         if not self.pattern.causal:
             raise SpattnError(f"pattern '{self.pattern.name}' is not causal: decoding needs a "
                               f"causal pattern (a query must not see keys that have not arrived)")
         self.backend = backend
         self.scale = None if scale is None else check_scale(scale)
+        self.check_finite = check_finite
         self.seen = 0  # tokens attended so far
         # slots [0, used) of the buffers: live and dead keys, in arrival order
         self._keys: torch.Tensor | None = None  # (B, Hkv, capacity, D)
         self._values: torch.Tensor | None = None
-        self._positions: torch.Tensor | None = None  # (capacity,) int64; DEAD: evicted
+        self._positions: torch.Tensor | None = None  # (capacity,) int64; DEAD: unused
+        self._bad: torch.Tensor | None = None  # (B, Hkv, capacity) bool: k or v not finite
         self._last_use = np.zeros(0, dtype=np.int64)  # (capacity,) retention.last_use; -1 dead
         self._used = 0
         self._shape: tuple | None = None  # (B, H, Hkv, D, dtype, device) of the first call
         self._bound: int | None = None
         self._backend_name: str | None = None
+        # for torch.compile: the name the op finds this cache by, and a count of its calls that
+        # the op mutates (so a graph keeps the calls, in order)
+        self._name = f"kv-cache-{next(_NAMES)}"
+        self._calls = torch.zeros((), dtype=torch.int64)
+        _CACHES[self._name] = self
 
     # ---- what the cache holds -----------------------------------------------------------------
 
@@ -97,14 +128,24 @@ class KVCache:
 
     @property
     def keys(self) -> torch.Tensor | None:
-        """(B, Hkv, kept, D): the live keys, in order (a copy)."""
-        return None if self._keys is None else self._keys[:, :, :self._used][:, :, self._alive()]
+        """(B, Hkv, kept, D): the live keys, in order (a copy; a key whose k or v was not
+        finite reads back as NaN)."""
+        return self._live(self._keys)
 
     @property
     def values(self) -> torch.Tensor | None:
-        """(B, Hkv, kept, D): the live values, in order (a copy)."""
-        return None if self._values is None else \
-            self._values[:, :, :self._used][:, :, self._alive()]
+        """(B, Hkv, kept, D): the live values, in order (a copy, NaN as for `keys`)."""
+        return self._live(self._values)
+
+    def _live(self, buffer: torch.Tensor | None) -> torch.Tensor | None:
+        if buffer is None:
+            return None
+        alive = self._alive()
+        live = buffer[:, :, :self._used][:, :, alive]
+        if self._bad is None:
+            return live
+        return live.masked_fill(self._bad[:, :, :self._used][:, :, alive].unsqueeze(-1),
+                                float("nan"))
 
     def _alive(self) -> torch.Tensor:
         return torch.from_numpy(self._last_use[:self._used] >= 0).to(self._positions.device)
@@ -123,8 +164,8 @@ class KVCache:
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes the cache's buffers take now: keys, values, and 16 bytes of bookkeeping per
-        slot."""
+        """Bytes the cache's buffers take now: keys, values, and per slot 16 bytes of
+        bookkeeping and (with check_finite) a byte per batch row and key head."""
         if self._keys is None:
             return 0
         return self.capacity * self._slot_bytes()
@@ -140,8 +181,8 @@ class KVCache:
 
     def _slot_bytes(self) -> int:
         batch, _, kv_heads, dim, dtype, _ = self._shape
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * batch * kv_heads * dim * itemsize + 16
+        flags = batch * kv_heads if self.check_finite else 0
+        return 2 * batch * kv_heads * dim * dtype.itemsize + 16 + flags
 
     def reset(self) -> None:
         """Forget every token (a new sequence of the same shapes); the buffers are kept."""
@@ -156,6 +197,12 @@ class KVCache:
         """Outputs (B, H, T, D) of the next T tokens, given their q (B, H, T, D) and k, v
         (B, Hkv, T, D): rows seen .. seen+T-1 of the full causal forward. `sinks` (H,) are
         attention sinks, as `spattn.attention` takes them."""
+        if torch.compiler.is_compiling():
+            return kv_cache_attend(q, k, v, sinks, self._calls, self._name)
+        return self._attend(q, k, v, sinks)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                sinks: torch.Tensor | None) -> torch.Tensor:
         call = check_tensors(q, k, v)
         self._check_shape(call)
         sinks = check_sinks(sinks, call)
@@ -182,12 +229,13 @@ class KVCache:
               sinks: torch.Tensor | None) -> torch.Tensor:
         """Decode T new tokens: add their keys, attend, then mark what no later query needs."""
         first, t = self.seen, q.shape[2]
-        positions = torch.arange(first, first + t, device=k.device)
+        positions = torch.arange(first, first + t, device=k.device)  # on the device: no copy
         self._append(k, v, positions, last_use(self.pattern, q.shape[1],
                                                np.arange(first, first + t)))
         used = self._used
         out = self._decode(q, self._keys[:, :, :used], self._values[:, :, :used],
-                           self._positions[:used], first, scale, sinks)
+                           self._positions[:used], first, scale, sinks,
+                           None if self._bad is None else self._bad[:, :, :used])
         self.seen += t
         self._evict()
         return out
@@ -206,6 +254,10 @@ class KVCache:
             if self._keys is None or want > self.capacity:
                 self._grow(want)
         at = slice(self._used, self._used + t)
+        if self._bad is not None:  # the buffers hold finite rows; the flags say which were not
+            good = nonfinite.finite_rows(k) & nonfinite.finite_rows(v)
+            k, v = nonfinite.zeroed(k, good), nonfinite.zeroed(v, good)
+            self._bad[:, :, at] = ~good
         self._keys[:, :, at] = k
         self._values[:, :, at] = v
         self._positions[at] = positions
@@ -213,14 +265,11 @@ class KVCache:
         self._used += t
 
     def _evict(self) -> None:
-        """Mark the keys no query from `seen` on attends dead: no copy, only their positions
-        change (to DEAD, after every query: causality hides them)."""
+        """Mark the keys no query from `seen` on attends dead, in the host's bookkeeping only:
+        the pattern gives them to no later query (that is what last_use says), so their slots
+        need no change on the device until a compaction drops them."""
         uses = self._last_use[:self._used]
-        dead = np.flatnonzero((uses >= 0) & (uses < self.seen))
-        if len(dead):
-            uses[dead] = -1
-            index = torch.from_numpy(dead).to(self._positions.device)
-            self._positions.index_fill_(0, index, DEAD)
+        uses[(uses >= 0) & (uses < self.seen)] = -1
 
     def _compact(self) -> None:
         """Move the live keys, in order, to the front of the buffers."""
@@ -232,6 +281,8 @@ class KVCache:
         self._keys[:, :, :live] = self._keys[:, :, index]
         self._values[:, :, :live] = self._values[:, :, index]
         self._positions[:live] = self._positions[index]
+        if self._bad is not None:
+            self._bad[:, :, :live] = self._bad[:, :, index]
         self._last_use[:live] = self._last_use[:self._used][alive]
         self._last_use[live:] = -1
         self._positions[live:] = DEAD
@@ -244,18 +295,23 @@ class KVCache:
         keys = torch.empty((batch, kv_heads, capacity, dim), dtype=dtype, device=device)
         values = torch.empty_like(keys)
         positions = torch.full((capacity,), DEAD, dtype=torch.int64, device=device)
+        bad = torch.zeros((batch, kv_heads, capacity), dtype=torch.bool, device=device) \
+            if self.check_finite else None
         last = np.full(capacity, -1, dtype=np.int64)
         used = self._used
         if used:
             keys[:, :, :used] = self._keys[:, :, :used]
             values[:, :, :used] = self._values[:, :, :used]
             positions[:used] = self._positions[:used]
+            if bad is not None:
+                bad[:, :, :used] = self._bad[:, :, :used]
             last[:used] = self._last_use[:used]
         self._keys, self._values, self._positions, self._last_use = keys, values, positions, last
+        self._bad = bad
 
-    def _decode(self, q, keys, values, positions, first, scale, sinks) -> torch.Tensor:
+    def _decode(self, q, keys, values, positions, first, scale, sinks, bad=None) -> torch.Tensor:
         return decode(q, keys, values, positions, first, self.pattern, scale, sinks,
-                      self._backend_name)
+                      self._backend_name, bad)
 
     def _check_shape(self, call) -> None:
         """The first call fixes B, H, Hkv, D, dtype and device (and the backend); later calls
@@ -272,3 +328,21 @@ class KVCache:
                 raise InputError(f"this cache decodes {name} = {want} (from its first call), "
                                  f"got {got}; use a new KVCache (or reset() and the same "
                                  f"shapes) for another sequence")
+
+
+@torch.library.custom_op("spattn::kv_cache_attend", mutates_args=("calls",))
+def kv_cache_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    sinks: torch.Tensor | None, calls: torch.Tensor, cache: str) -> torch.Tensor:
+    """`KVCache.attend` of the cache named `cache`, as one op: what a compiled model calls. The
+    step runs eagerly (its bookkeeping lives on the host); `calls` counts the calls. (A CPU
+    tensor, it also keeps a CUDA graph of the compiled model from capturing the step, whose
+    slots and positions change from call to call.)"""
+    with torch.no_grad():
+        out = _CACHES[cache]._attend(q, k, v, sinks)
+    calls.add_(1)
+    return out.contiguous()
+
+
+@kv_cache_attend.register_fake
+def _(q, k, v, sinks, calls, cache):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -195,22 +195,23 @@ def _choose_anew(pattern: Pattern, sizes: tuple[int, int, int, int, int],
 
 
 def _traced_choice(pattern: Pattern | str, call: Call, backend: str | None, scale: object
-                   ) -> tuple[str, str, float, None]:
-    """_choose under torch.compile, where B, H, N and D may be symbolic (a compiled model sees
-    many lengths, or dynamic=True): what depends on no size is worked out once at trace time
-    (_choose_unsized), the rest is checked in the graph. Nothing decided from sizes (the dense
-    shortcut, the decoding path) is taken: the op serves every size."""
+                   ) -> tuple[str, str, float, bool]:
+    """(backend, key, scale, whether the pattern is causal): _choose under torch.compile, where
+    B, H, N and D may be symbolic (a compiled model sees many lengths, or dynamic=True): what
+    depends on no size is worked out once at trace time (_choose_unsized), the rest is checked
+    in the graph. The dense shortcut, decided from sizes, is not taken: the op serves every
+    size."""
     given = scale if scale is None or type(scale) is float else None
     name, key, fixed, default = _choose_unsized(pattern, call.dtype, call.device,
                                                 call.needs_grad, backend, given)
-    heads, kv_heads, head_dim, offsets_heads, min_heads, label = fixed
+    heads, kv_heads, head_dim, offsets_heads, min_heads, label, causal = fixed
     check_fixed(call, label, heads, kv_heads, head_dim, offsets_heads)
     if min_heads > call.heads:
         raise InputError(f"pattern '{label}' has a branch for head {min_heads - 1}, but q has "
                          f"{call.heads} heads")
     if given is None and scale is not None:
         default = check_scale(scale)
-    return name, key, default if default is not None else 1.0 / math.sqrt(call.head_dim), None
+    return name, key, default if default is not None else 1.0 / math.sqrt(call.head_dim), causal
 
 
 @torch._dynamo.assume_constant_result
@@ -224,7 +225,7 @@ def _choose_unsized(pattern: Pattern | str, dtype: torch.dtype, device: torch.de
     if scale is None and pattern.softmax_scale:
         scale = pattern.softmax_scale
     fixed = (pattern.heads, pattern.kv_heads, pattern.head_dim, pattern.required_heads(),
-             pattern.min_heads(), pattern.name)
+             pattern.min_heads(), pattern.name, pattern.causal)
     return (pick_backend(call, pattern, backend), ops.register(pattern), fixed,
             None if scale is None else check_scale(scale))
 
@@ -304,11 +305,13 @@ def _one(q, k, v, pattern: Pattern, call: Call, backend: str | None, scale: obje
          sinks: torch.Tensor | None) -> torch.Tensor:
     compiling = torch.compiler.is_compiling()
     if compiling:
-        name, key, scale, dense = _traced_choice(pattern, call, backend, scale)
+        name, key, scale, causal = _traced_choice(pattern, call, backend, scale)
+        dense = None
     else:
         sizes = (call.batch, call.heads, call.kv_heads, call.seq_len, call.head_dim)
         name, key, scale, dense = _choose(pattern, sizes, call.dtype, call.device,
                                           call.needs_grad, backend, scale)
+        causal = pattern.causal
     if call.queries == 0 or call.batch == 0:
         return q.new_zeros(q.shape) + varlen.connected_zero(q, k, v)
     first = call.seq_len - call.queries  # the position of query row 0
@@ -322,8 +325,9 @@ def _one(q, k, v, pattern: Pattern, call: Call, backend: str | None, scale: obje
         return BACKENDS[name].run(q, k, v, key, scale, sinks)
     grad = call.needs_grad or (sinks is not None and sinks.requires_grad
                                and torch.is_grad_enabled())
-    if not compiling and pattern.causal and not grad and call.queries <= SHORT_QUERIES:
-        # decoding
+    if causal and not grad and call.queries <= SHORT_QUERIES:  # decoding
+        if compiling:  # the same path, as one op
+            return ops.decode_forward(q, k, v, sinks, key, scale, name)
         from spattn.runtime.cached import decode  # (it imports what imports this)
 
         positions = torch.arange(call.seq_len, device=q.device)

@@ -16,7 +16,10 @@ back afterwards:
 Which rows attend which keys comes from one more call of the same pattern on indicator tensors
 (head_dim 2, zero scores: the output is the mean, over a row's keys, of [key is bad, 1]), on the
 PyTorch backend. All of it runs only when a cheap check (one float32 sum per tensor) finds a
-non-finite value: a call with finite inputs pays those sums and nothing else.
+non-finite value: a call with finite inputs pays those sums and nothing else. That check reads
+one number back to the host (a device sync per call), so decoding does without it: a KVCache
+flags the non-finite rows of its keys as they arrive and stores them zeroed, and the rows they
+poison are computed on the device, branch-free (runtime/cached.py, `bad_keys`).
 """
 
 from __future__ import annotations

@@ -4,11 +4,16 @@ model through `spattn.attention` without breaking the graph.
     spattn::attention_forward(q, k, v, sinks, key, scale, backend) -> (O, LSE)
     spattn::attention_backward(dO, q, k, v, sinks, O, LSE, key, scale, backend)
         -> (dQ, dK, dV, dSinks)
+    spattn::decode_forward(q, k, v, sinks, key, scale, backend) -> O
 
 `key` names a pattern registered by `register` (its content hash): ops take strings, not objects.
 `backend` is "torch" (strided views + fused attention, runtime/torch_backend.py) or "triton" (the
 pattern's generated module). Both ops have fake (meta) implementations for tracing; autograd
-links them.
+links them. `decode_forward` is the inference path of a few queries at the end of the keys
+(runtime/cached.py), so that a traced decoding call runs it rather than a full forward.
+
+Each op's body runs under `torch.cuda.device(q.device)` (kernels.on_device): Triton launches on
+the current device, which need not be the tensors'.
 
 Attention sinks (`sinks`, (H,), or None) are one more term of the log-sum-exp merge: a logit
 t_h with no value. They join the backend's (O, LSE) after its kernels, so every backend serves
@@ -27,6 +32,7 @@ import torch
 from spattn.patterns.geometry import resolve
 from spattn.patterns.spec import Pattern
 from spattn.runtime import costs, nonfinite, torch_backend, triton_backend
+from spattn.runtime.kernels import on_device
 
 _PATTERNS: dict[str, Pattern] = {}
 
@@ -111,9 +117,10 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Ten
                 q, k, v, scale=scale)
         return torch_backend.forward(q, k, v, problem)
 
-    out, lse = nonfinite.guard_forward(run, reach(problem, q), q, k, v)
-    if sinks is not None:
-        out, lse = merge_sinks(out, lse, sinks)
+    with on_device(q.device):
+        out, lse = nonfinite.guard_forward(run, reach(problem, q), q, k, v)
+        if sinks is not None:
+            out, lse = merge_sinks(out, lse, sinks)
     return out, lse
 
 
@@ -175,13 +182,14 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                 do, q, k, v, out, lse, scale=scale)
         return torch_backend.backward(do.contiguous(), q, k, v, out, lse, problem)
 
-    dq, dk, dv = nonfinite.guard_backward(run, reach(problem, q), attended(problem, q), do, q,
-                                          k, v, out, lse)
-    if sinks is None:
-        return dq, dk, dv, do.new_empty(0)
-    delta = (do.to(lse.dtype) * out.to(lse.dtype)).sum(-1)  # rowsum(dO * O), (B, H, N)
-    share = torch.exp(sinks.to(lse.dtype).view(1, -1, 1) - lse)  # the sink's softmax weight
-    return dq, dk, dv, -(share * delta).sum((0, 2)).to(sinks.dtype)
+    with on_device(q.device):
+        dq, dk, dv = nonfinite.guard_backward(run, reach(problem, q), attended(problem, q), do,
+                                              q, k, v, out, lse)
+        if sinks is None:
+            return dq, dk, dv, do.new_empty(0)
+        delta = (do.to(lse.dtype) * out.to(lse.dtype)).sum(-1)  # rowsum(dO * O), (B, H, N)
+        share = torch.exp(sinks.to(lse.dtype).view(1, -1, 1) - lse)  # the sink's weight
+        return dq, dk, dv, -(share * delta).sum((0, 2)).to(sinks.dtype)
 
 
 @attention_backward.register_fake
@@ -219,3 +227,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str, scale
             t is not None and t.requires_grad for t in (q, k, v, sinks))):
         return _forward(q, k, v, sinks, key, scale, backend)[0]
     return attention_forward(q, k, v, sinks, key, scale, backend)[0]
+
+
+@torch.library.custom_op("spattn::decode_forward", mutates_args=())
+def decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   sinks: torch.Tensor | None, key: str, scale: float, backend: str
+                   ) -> torch.Tensor:
+    """The last Nq positions' rows of a causal pattern over N keys, without gradients: the
+    decoding path (runtime/cached.py) as one op, so that torch.compile traces it."""
+    from spattn.runtime.cached import decode  # (it imports what imports this)
+
+    n = k.shape[2]
+    positions = torch.arange(n, device=q.device)
+    return decode(q, k, v, positions, n - q.shape[2], _PATTERNS[key], scale, sinks,
+                  backend).contiguous()
+
+
+@decode_forward.register_fake
+def _(q, k, v, sinks, key, scale, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
