@@ -185,3 +185,24 @@ def test_concurrent_compiles_of_one_module_name_never_mix(tmp_path):
         winner = ["a-b", "a_b"][codes.index(0)]
         assert f"# spattn-pattern: {winner}\n" in (out / "a_b.py").read_text()
         assert json.loads((out / "a_b.plan.json").read_text())["pattern"] == winner
+
+
+def test_warm_compiles_every_kernel_into_tritons_cache(tmp_path, monkeypatch, capsys):
+    """`spattn compile --warm`: the module's kernels, compiled ahead of time on all cores into
+    the cache triton's runtime reads, one file set per kernel (4 for longnet-lm at one dtype
+    and head dim: forward, backward rows and columns, decoding)."""
+    cache = tmp_path / "triton-cache"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    status = main(["compile", "longnet-lm", "-o", str(tmp_path / "out"), "--head-dim", "64",
+                   "--warm", "--target", "sm_90", "--dtype", "fp16"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "warmed 4/4 kernels" in out and "for sm_90" in out, out
+    cubins = sorted(p.name for p in cache.rglob("*.cubin"))
+    assert len(cubins) == 4 and {"_dilated_rows.cubin", "_dilated_cols.cubin",
+                                 "_decode_rows.cubin"} <= set(cubins), cubins
+
+
+def test_warm_without_a_gpu_needs_a_target(tmp_path, capsys):
+    assert main(["compile", "longnet-lm", "-o", str(tmp_path), "--warm"]) == 2
+    assert "--warm needs --target" in capsys.readouterr().err

@@ -14,7 +14,9 @@ import os
 import time
 from pathlib import Path
 
-from spattn.cli.args import positive
+from spattn.cli.args import add_dtype, positive
+from spattn.cli.check_cmd import HEAD_DIMS, TORCH_NAMES
+from spattn.compiler.aot import TARGETS, warm
 from spattn.compiler.codegen import module_name, render, specialize
 from spattn.compiler.files import (
     NotRegularFileError,
@@ -52,6 +54,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=positive, default=PLAN_SEQ_LEN, metavar="N",
                    help=f"sequence length the plan file describes (default {PLAN_SEQ_LEN}); "
                         "the module itself takes any N")
+    p.add_argument("--warm", action="store_true",
+                   help="also compile every kernel the module launches (forward, backward, "
+                        "decode) into triton's cache, on all cores, so that the first call on "
+                        "the GPU loads them")
+    p.add_argument("--target", choices=tuple(TARGETS),
+                   help="with --warm: the GPU architecture (default: this machine's GPU)")
+    add_dtype(p, tuple(TORCH_NAMES), many=True, what="with --warm: input dtypes")
     p.set_defaults(run=run)
 
 
@@ -84,7 +93,41 @@ def run(args: argparse.Namespace) -> int:
           f"{plan.block_m}x{plan.block_n})")
     print(f"compiled in {took * 1e3:.0f} ms; use it with: "
           f"import sys; sys.path.insert(0, {str(out.resolve())!r}); from {name} import attention")
+    if args.warm:
+        return _warm(pattern, module, args)
     return 0
+
+
+def _warm(pattern: Pattern, module: Path, args: argparse.Namespace) -> int:
+    """Compile the module's kernels into triton's cache; 1 if one failed."""
+    target = args.target or _this_gpu()
+    dtypes = [TORCH_NAMES[name] for name in dict.fromkeys(args.dtype or TORCH_NAMES)]
+    head_dims = [pattern.head_dim] if pattern.head_dim else list(HEAD_DIMS)
+    workers = os.cpu_count() or 1
+    start = time.perf_counter()
+    results = warm(pattern, module, target, dtypes, head_dims, workers)
+    failed = [r for r in results if not r.ok]
+    launches = sum(r.spec.launches for r in results)
+    print(f"warmed {len(results) - len(failed)}/{len(results)} kernels ({launches} launches) "
+          f"for {target} in {time.perf_counter() - start:.0f} s on {workers} processes")
+    for result in failed[:3]:
+        print(f"  {result.spec.kernel} {result.spec.mode} {result.spec.dtype} "
+              f"D={result.spec.head_dim}: {result.error}")
+    return 1 if failed else 0
+
+
+def _this_gpu() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SpattnError("--warm needs --target (sm_80, sm_90, sm_100) on a machine without "
+                          "a GPU")
+    major, minor = torch.cuda.get_device_capability()
+    target = f"sm_{major * 10 + minor}"
+    if target not in TARGETS:
+        raise SpattnError(f"this GPU is {target}; --warm compiles for {', '.join(TARGETS)}: "
+                          f"give --target")
+    return target
 
 
 def _refuse_other_pattern(module: Path, plan_path: Path, pattern: Pattern) -> None:

@@ -31,7 +31,7 @@ from spattn.runtime import generated
 from spattn.runtime.configs import LaunchConfig
 
 __all__ = ["DTYPES", "TARGETS", "Result", "Spec", "check", "compile_specs", "launches",
-           "specialization_key", "specializations"]
+           "specialization_key", "specializations", "triton_cache", "warm"]
 
 TARGETS = {"sm_80": 80, "sm_90": 90, "sm_100": 100}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -225,18 +225,23 @@ def specializations(pattern: Pattern, module: ModuleType, target: str, dtypes: I
 
 def compile_specs(specs: list[Spec], module_path: Path | list[Path], target: str,
                   progress: Callable[[int, int], None] | None = None,
-                  workers: int = WORKERS) -> list[Result]:
-    """Compile each spec in worker processes (at most `workers`), triton's cache in a temp dir.
-    `module_path`: the module all specs come from, or one per spec."""
+                  workers: int = WORKERS, cache: Path | None = None) -> list[Result]:
+    """Compile each spec in worker processes (at most `workers`), triton's cache in a temp dir,
+    or (`cache`: to warm it) in that cache folder, with this process's environment as the
+    kernels' own launches will see it, so their cache keys are the same. `module_path`: the
+    module all specs come from, or one per spec."""
     capability = target_capability(target)
     results: list[Result | None] = [None] * len(specs)
     if not specs:
         return []
     with tempfile.TemporaryDirectory(prefix="spattn-check-") as home:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env.update(TRITON_HOME=home, TRITON_CACHE_DIR=str(Path(home) / "cache"),
-                   TRITON_DUMP_PTXAS_LOG="1")
-        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton's default, without its warning
+        if cache is None:
+            env.update(TRITON_HOME=home, TRITON_CACHE_DIR=str(Path(home) / "cache"),
+                       TRITON_DUMP_PTXAS_LOG="1")
+            env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default, without its warning
+        else:  # TRITON_DEFAULT_FP_FUSION, when set, is part of every kernel's cache key
+            env["TRITON_CACHE_DIR"] = str(cache)
         with open(Path(home) / "stderr", "w+") as errors:
             procs = [subprocess.Popen([sys.executable, "-m", "spattn.compiler.aot_worker"],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -308,6 +313,31 @@ def _result(spec: Spec, reply: dict, capability: int) -> Result:
         result.error = (f"out of resources: shared memory, needs {result.shared} bytes, "
                         f"sm_{capability} has {limit}")
     return result
+
+
+def triton_cache() -> Path:
+    """The folder triton's runtime keeps compiled kernels in (TRITON_CACHE_DIR or its
+    default)."""
+    knobs = getattr(triton, "knobs", None)
+    folder = getattr(getattr(knobs, "cache", None), "dir", None)
+    return Path(folder or os.environ.get("TRITON_CACHE_DIR")
+                or Path.home() / ".triton" / "cache")
+
+
+def warm(pattern: Pattern, module_path: Path, target: str, dtypes: Iterable[str],
+         head_dims: Iterable[int], workers: int | None = None,
+         progress: Callable[[int, int], None] | None = None) -> list[Result]:
+    """Compile every kernel the module at `module_path` (emitted for `pattern`) launches for
+    these dtypes and head dims into triton's own cache, in parallel on all cores, so that its
+    first calls on a GPU of `target` load them instead of compiling."""
+    with triton.knobs.runtime.scope():  # the recorded module: compiled, never interpreted
+        triton.knobs.runtime.interpret = False
+        from spattn.runtime.triton_backend import import_module_file
+
+        module = import_module_file(module_path)
+    specs = specializations(pattern, module, target, dtypes, head_dims)
+    return compile_specs(specs, module_path, target, progress, workers or os.cpu_count() or 1,
+                         cache=triton_cache())
 
 
 def check(pattern: Pattern, target: str, dtypes: Iterable[str], head_dims: Iterable[int],
