@@ -1,6 +1,7 @@
 """The methods spattn is timed against, each as `fn(q, k, v) -> out` on (B, H, N, D) tensors.
 
-- `dense_sdpa`: dense `scaled_dot_product_attention` (flash backend on CUDA): the speed reference.
+- `dense_sdpa`: dense `scaled_dot_product_attention` (the flash backend on CUDA, else the next
+  that takes the call; `.backend` names the one that ran): the speed reference.
 - `masked_sdpa`: dense `scaled_dot_product_attention` with the pattern as an additive mask,
   log(count) where a pair counts (count 2 where two branches give it, in multiset mode) and -inf
   elsewhere: exact for every pattern, O(N^2) memory, the simplest correct way.
@@ -57,16 +58,46 @@ def spattn_attention(pattern: spattn.Pattern, backend: str) -> Attention:
     return lambda q, k, v: spattn.attention(q, k, v, pattern, backend=backend)
 
 
-def dense_sdpa(causal: bool) -> Attention:
-    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if q.is_cuda:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
+# SDPA's CUDA backends in the order the benchmark wants them: the flash kernel first
+SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-    return run
+class DenseSDPA:
+    """Dense `scaled_dot_product_attention`, on CUDA pinned to one backend at a time: flash
+    first, else the next of SDPA_BACKENDS that takes the call. `backend` names the one that ran
+    last (lower case: 'flash_attention', ...; 'cpu' on CPU), so a result can say what it timed."""
+
+    def __init__(self, causal: bool) -> None:
+        self.causal = causal
+        self.backend: str | None = None
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if not q.is_cuda:
+            self.backend = "cpu"
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        names = list(SDPA_BACKENDS)
+        if self.backend and self.backend.upper() in names:  # the one that ran last, first
+            names.remove(self.backend.upper())
+            names.insert(0, self.backend.upper())
+        errors = []
+        for name in names:
+            try:
+                with sdpa_kernel(getattr(SDPBackend, name)):
+                    out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as error:  # "No available kernel": this backend cannot
+                errors.append(f"{name}: {str(error).splitlines()[0][:80]}")
+                continue
+            self.backend = name.lower()
+            return out
+        raise RuntimeError("no SDPA backend took the call: " + "; ".join(errors))
+
+
+def dense_sdpa(causal: bool) -> DenseSDPA:
+    return DenseSDPA(causal)
 
 
 def pattern_bias(pattern: spattn.Pattern, seq_len: int, heads: int) -> torch.Tensor:

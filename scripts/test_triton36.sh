@@ -3,7 +3,9 @@
 # its own, so that the version GPUs run is never broken silently:
 #   1. `spattn check` on every built-in for sm_90: every kernel compiles, none spills, all on
 #      tensor cores (benchmarks/check_builtins.py --strict);
-#   2. the generated kernels under the interpreter against the float64 reference.
+#   2. the generated kernels under the interpreter against the float64 reference;
+#   3. the GPU session rehearsed (scripts/gpu_session.sh --rehearse): every step at tiny sizes on
+#      the interpreter, its time plan checked against the deadlines (exit 1 if it does not fit).
 # CI (.ci/run) runs it after the main suite. TRITON36_VENV names the environment's folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,4 +27,5 @@ if [ "$status" -eq 5 ]; then
     echo "pytest collected no tests under triton 3.6: that is a failure here" >&2
     exit 1
 fi
-exit "$status"
+((status == 0)) || exit "$status"
+REHEARSE_PYTHON="$py" OUT="$results/gpu-session" bash scripts/gpu_session.sh --rehearse
